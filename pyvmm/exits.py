@@ -1,0 +1,395 @@
+"""Typed exits: `Vcpu.run()` returns one of these per KVM_RUN return.
+
+Each class carries exactly the data of its exit. Memoryviews (`IoExit.data`, `MmioExit.data`)
+point into the vCPU's kvm_run page and stay valid until the next `run()`: for IN and MMIO
+reads, fill them before running again; for writes, copy them if you need them later.
+Settable fields of hypercall and MSR exits write through to kvm_run and reach the guest on the
+next `run()`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, Callable
+
+from ._ffi import constants, ffi
+
+ExitReason = IntEnum("ExitReason", constants("KVM_EXIT_"), module=__name__)
+ExitReason.__doc__ = "KVM_EXIT_* numbers (kvm_run.exit_reason)."
+
+_R = ExitReason
+
+
+class Exit:
+    """Base of every exit. `exit_reason` is the KVM_EXIT_* number; `reason`, where an exit has
+    it, is that exit's own field (DESIGN.md: FailEntryExit, MsrExit, UnknownExit)."""
+
+    __slots__ = ()
+    exit_reason: int = -1
+
+    def _fields(self) -> dict[str, Any]:
+        out = {}
+        for cls in type(self).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if not name.startswith("_"):
+                    value = getattr(self, name)
+                    if isinstance(value, memoryview):
+                        value = bytes(value)
+                    out[name] = value
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self._fields().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
+        return hex(value)
+    return repr(value)
+
+
+class IoExit(Exit):
+    """Port I/O. `data` holds `size * count` bytes: what was written (OUT, OUTS) or the buffer
+    to fill (IN, INS)."""
+
+    __slots__ = ("port", "size", "count", "is_write", "data")
+    exit_reason = _R.IO
+
+    def __init__(self, port: int, size: int, count: int, is_write: bool, data: memoryview):
+        self.port, self.size, self.count, self.is_write, self.data = port, size, count, is_write, data
+
+    @property
+    def value(self) -> int:
+        """The data as a little-endian integer (for a single, non-string access)."""
+        return int.from_bytes(self.data[: self.size], "little")
+
+
+class MmioExit(Exit):
+    """An access to guest-physical memory that no writable memslot backs."""
+
+    __slots__ = ("address", "length", "is_write", "data")
+    exit_reason = _R.MMIO
+
+    def __init__(self, address: int, length: int, is_write: bool, data: memoryview):
+        self.address, self.length, self.is_write, self.data = address, length, is_write, data
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+
+class HltExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.HLT
+
+
+class ShutdownExit(Exit):
+    """Triple fault (or another shutdown): the vCPU cannot go on."""
+
+    __slots__ = ()
+    exit_reason = _R.SHUTDOWN
+
+
+class IntrExit(Exit):
+    """KVM_RUN was interrupted by a signal: a kick, a run timeout, or a signal such as SIGINT.
+    `timed_out` says the run's own timeout fired."""
+
+    __slots__ = ("timed_out",)
+    exit_reason = _R.INTR
+
+    def __init__(self, timed_out: bool = False):
+        self.timed_out = timed_out
+
+
+class _RunBacked(Exit):
+    """An exit with fields the host answers through kvm_run."""
+
+    __slots__ = ("_run",)
+
+
+class HypercallExit(_RunBacked):
+    """A hypercall KVM forwards to userspace (KVM_CAP_EXIT_HYPERCALL). Set `ret`; the guest
+    gets it in RAX on the next run()."""
+
+    __slots__ = ("nr", "args", "longmode")
+    exit_reason = _R.HYPERCALL
+
+    def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int):
+        self._run, self.nr, self.args, self.longmode = run, nr, args, longmode
+
+    @property
+    def ret(self) -> int:
+        return int(self._run.hypercall.ret)
+
+    @ret.setter
+    def ret(self, value: int) -> None:
+        self._run.hypercall.ret = value & 0xFFFFFFFFFFFFFFFF
+
+
+class MsrExit(_RunBacked):
+    """RDMSR/WRMSR forwarded to userspace (KVM_CAP_X86_USER_SPACE_MSR). For a read set
+    `data`; set `error = 1` to inject #GP instead."""
+
+    __slots__ = ("index", "is_write", "reason")
+
+    def __init__(self, run, index: int, is_write: bool, reason: int):
+        self._run, self.index, self.is_write, self.reason = run, index, is_write, reason
+
+    @property
+    def exit_reason(self) -> int:  # type: ignore[override]
+        return _R.X86_WRMSR if self.is_write else _R.X86_RDMSR
+
+    @property
+    def data(self) -> int:
+        return int(self._run.msr.data)
+
+    @data.setter
+    def data(self, value: int) -> None:
+        self._run.msr.data = value & 0xFFFFFFFFFFFFFFFF
+
+    @property
+    def error(self) -> int:
+        return int(self._run.msr.error)
+
+    @error.setter
+    def error(self, value: int) -> None:
+        self._run.msr.error = 1 if value else 0
+
+    def _fields(self) -> dict[str, Any]:
+        return {"index": self.index, "is_write": self.is_write, "data": self.data,
+                "reason": self.reason, "error": self.error}
+
+
+class SystemEventExit(Exit):
+    __slots__ = ("type", "data")
+    exit_reason = _R.SYSTEM_EVENT
+
+    def __init__(self, type: int, data: tuple[int, ...]):
+        self.type, self.data = type, data
+
+
+class FailEntryExit(Exit):
+    """The hardware refused to enter the guest (invalid guest state)."""
+
+    __slots__ = ("reason", "cpu")
+    exit_reason = _R.FAIL_ENTRY
+
+    def __init__(self, reason: int, cpu: int):
+        self.reason, self.cpu = reason, cpu
+
+
+class InternalErrorExit(Exit):
+    """KVM could not handle the exit itself (suberror 1: emulation failure)."""
+
+    __slots__ = ("suberror", "data")
+    exit_reason = _R.INTERNAL_ERROR
+
+    def __init__(self, suberror: int, data: tuple[int, ...]):
+        self.suberror, self.data = suberror, data
+
+
+class DebugExit(Exit):
+    __slots__ = ("exception", "pc", "dr6", "dr7")
+    exit_reason = _R.DEBUG
+
+    def __init__(self, exception: int, pc: int, dr6: int, dr7: int):
+        self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
+
+
+class ExceptionExit(Exit):
+    __slots__ = ("exception", "error_code")
+    exit_reason = _R.EXCEPTION
+
+    def __init__(self, exception: int, error_code: int):
+        self.exception, self.error_code = exception, error_code
+
+
+class IrqWindowOpenExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.IRQ_WINDOW_OPEN
+
+
+class SetTprExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.SET_TPR
+
+
+class TprAccessExit(Exit):
+    __slots__ = ("rip", "is_write")
+    exit_reason = _R.TPR_ACCESS
+
+    def __init__(self, rip: int, is_write: bool):
+        self.rip, self.is_write = rip, is_write
+
+
+class NmiExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.NMI
+
+
+class IoapicEoiExit(Exit):
+    __slots__ = ("vector",)
+    exit_reason = _R.IOAPIC_EOI
+
+    def __init__(self, vector: int):
+        self.vector = vector
+
+
+class DirtyRingFullExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.DIRTY_RING_FULL
+
+
+class ApResetHoldExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.AP_RESET_HOLD
+
+
+class BusLockExit(Exit):
+    __slots__ = ()
+    exit_reason = _R.X86_BUS_LOCK
+
+
+class NotifyExit(Exit):
+    __slots__ = ("flags",)
+    exit_reason = _R.NOTIFY
+
+    def __init__(self, flags: int):
+        self.flags = flags
+
+
+class MemoryFaultExit(Exit):
+    __slots__ = ("flags", "gpa", "size")
+    exit_reason = _R.MEMORY_FAULT
+
+    def __init__(self, flags: int, gpa: int, size: int):
+        self.flags, self.gpa, self.size = flags, gpa, size
+
+
+class RawExit(Exit):
+    """An exit whose payload pyvmm does not decode (Hyper-V, Xen): the 256 raw union bytes."""
+
+    __slots__ = ("exit_reason", "raw")
+
+    def __init__(self, exit_reason: int, raw: bytes):
+        self.exit_reason, self.raw = exit_reason, raw
+
+
+class UnknownExit(Exit):
+    """KVM_EXIT_UNKNOWN (with the hardware's own exit reason), or a reason this pyvmm does not
+    know."""
+
+    __slots__ = ("reason", "hardware_exit_reason")
+
+    def __init__(self, reason: int, hardware_exit_reason: int = 0):
+        self.reason, self.hardware_exit_reason = reason, hardware_exit_reason
+
+    @property
+    def exit_reason(self) -> int:  # type: ignore[override]
+        return self.reason
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio") + 8
+_UNION = ffi.offsetof("struct kvm_run", "hw")
+
+
+def _io(run, page: memoryview) -> Exit:
+    io = run.io
+    size = io.size
+    count = io.count
+    offset = io.data_offset
+    return IoExit(io.port, size, count, io.direction == 1, page[offset: offset + size * count])
+
+
+def _mmio(run, page: memoryview) -> Exit:
+    mmio = run.mmio
+    length = mmio.len
+    return MmioExit(mmio.phys_addr, length, bool(mmio.is_write),
+                    page[_MMIO_DATA: _MMIO_DATA + length])
+
+
+def _hypercall(run, page):
+    hc = run.hypercall
+    return HypercallExit(run, hc.nr, tuple(hc.args), hc.longmode)
+
+
+def _msr(run, page):
+    msr = run.msr
+    return MsrExit(run, msr.index, run.exit_reason == _R.X86_WRMSR, msr.reason)
+
+
+def _internal(run, page):
+    internal = run.internal
+    return InternalErrorExit(internal.suberror, tuple(internal.data[0: min(internal.ndata, 16)]))
+
+
+def _system_event(run, page):
+    ev = run.system_event
+    return SystemEventExit(ev.type, tuple(ev.data[0: min(ev.ndata, 16)]))
+
+
+def _raw(run, page):
+    return RawExit(run.exit_reason, bytes(page[_UNION: _UNION + 256]))
+
+
+_DECODERS: dict[int, Callable[[Any, memoryview], Exit]] = {
+    _R.UNKNOWN: lambda run, page: UnknownExit(0, run.hw.hardware_exit_reason),
+    _R.EXCEPTION: lambda run, page: ExceptionExit(run.ex.exception, run.ex.error_code),
+    _R.IO: _io,
+    _R.HYPERCALL: _hypercall,
+    _R.DEBUG: lambda run, page: DebugExit(run.debug.arch.exception, run.debug.arch.pc,
+                                          run.debug.arch.dr6, run.debug.arch.dr7),
+    _R.HLT: lambda run, page: HltExit(),
+    _R.MMIO: _mmio,
+    _R.IRQ_WINDOW_OPEN: lambda run, page: IrqWindowOpenExit(),
+    _R.SHUTDOWN: lambda run, page: ShutdownExit(),
+    _R.FAIL_ENTRY: lambda run, page: FailEntryExit(
+        run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu),
+    _R.INTR: lambda run, page: IntrExit(),
+    _R.SET_TPR: lambda run, page: SetTprExit(),
+    _R.TPR_ACCESS: lambda run, page: TprAccessExit(run.tpr_access.rip,
+                                                   bool(run.tpr_access.is_write)),
+    _R.NMI: lambda run, page: NmiExit(),
+    _R.INTERNAL_ERROR: _internal,
+    _R.SYSTEM_EVENT: _system_event,
+    _R.IOAPIC_EOI: lambda run, page: IoapicEoiExit(run.eoi.vector),
+    _R.HYPERV: _raw,
+    _R.X86_RDMSR: _msr,
+    _R.X86_WRMSR: _msr,
+    _R.DIRTY_RING_FULL: lambda run, page: DirtyRingFullExit(),
+    _R.AP_RESET_HOLD: lambda run, page: ApResetHoldExit(),
+    _R.X86_BUS_LOCK: lambda run, page: BusLockExit(),
+    _R.XEN: _raw,
+    _R.NOTIFY: lambda run, page: NotifyExit(run.notify.flags),
+    _R.MEMORY_FAULT: lambda run, page: MemoryFaultExit(run.memory_fault.flags,
+                                                       run.memory_fault.gpa,
+                                                       run.memory_fault.size),
+}
+
+# A list indexed by reason keeps the per-exit lookup cheap on the hot path.
+_TABLE: list[Callable[[Any, memoryview], Exit] | None] = [None] * (max(_DECODERS) + 1)
+for _reason, _decoder in _DECODERS.items():
+    _TABLE[_reason] = _decoder
+
+
+def decode(run, page: memoryview) -> Exit:
+    """Turn the exit recorded in `run` (a `struct kvm_run *`) into a typed exit. `page` is a
+    memoryview of the whole vCPU mmap, which the data views slice."""
+    reason = run.exit_reason
+    decoder = _TABLE[reason] if reason < len(_TABLE) else None
+    if decoder is None:
+        return UnknownExit(reason)
+    return decoder(run, page)
+
+
+__all__ = [name for name, obj in globals().items()
+           if isinstance(obj, type) and issubclass(obj, Exit) and not name.startswith("_")]
+__all__.append("ExitReason")

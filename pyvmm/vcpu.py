@@ -1,0 +1,358 @@
+"""`Vcpu`: a vCPU fd, its mmapped kvm_run page, and the run/kick machinery.
+
+Kicking without a lost wake-up: the kick signal is blocked in every thread that runs a vCPU
+and unblocked only inside KVM_RUN (KVM_SET_SIGNAL_MASK). A kick sets `immediate_exit` and
+signals the running thread. If the signal lands while the thread is in userspace it stays
+pending, and the next KVM_RUN returns EINTR at once; if it lands inside KVM_RUN the guest
+is interrupted. Either way the kick is never lost, and the pending signal is consumed with
+sigtimedwait after the EINTR, so it is never delivered to a handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import mmap
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from . import ioctls as io
+from ._ffi import ffi, libc
+from .caps import Cap
+from .errors import ClosedError, KvmError, MissingCapability
+from .exits import Exit, IntrExit, decode
+from .kvm import CpuidEntry, cpuid_from_c, cpuid_to_c
+from .structs import Fpu, LapicState, Regs, Sregs, VcpuEvents
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+#: The signal used to kick vCPU threads out of KVM_RUN (a real-time one, so SIGUSR1/2 stay
+#: the application's). Override with PYVMM_KICK_SIGNAL before importing pyvmm.
+KICK_SIGNAL = int(os.environ.get("PYVMM_KICK_SIGNAL", signal.SIGRTMIN + 3))
+
+KVM_RUN_X86_SMM = 1
+_ZERO = ffi.cast("unsigned long", 0)
+_EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
+
+
+def _install_kick_handler() -> None:
+    # The signal is always blocked or consumed, never delivered; a handler is installed anyway
+    # so that a stray kick could never take the default action (terminate).
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+_install_kick_handler()
+
+
+class _Watchdog:
+    """One thread for all run timeouts: kicks a vCPU whose deadline passes inside run()."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, "Vcpu"]] = []
+        self._armed: dict[int, "Vcpu"] = {}
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, vcpu: "Vcpu", timeout: float) -> int:
+        token = next(self._seq)
+        with self._cond:
+            self._armed[token] = vcpu
+            heapq.heappush(self._heap, (time.monotonic() + timeout, token, vcpu))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="pyvmm-watchdog",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+
+    def _loop(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][1] not in self._armed:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, vcpu = self._heap[0]
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._heap)
+                del self._armed[token]
+                vcpu._timed_out = True
+                vcpu.kick()
+
+
+_watchdog = _Watchdog()
+
+
+def _sigset_bytes(signals: Iterable[int]) -> bytes:
+    bits = 0
+    for sig in signals:
+        bits |= 1 << (int(sig) - 1)
+    return bits.to_bytes(8, "little")
+
+
+class Vcpu:
+    role = "vcpu"
+
+    def __init__(self, vm: "Vm", fd: int, vcpu_id: int, mmap_size: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self._fd = fd
+        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._page = memoryview(self._map)
+        self._run_ptr = ffi.from_buffer(self._page)
+        self._run = ffi.cast("struct kvm_run *", self._run_ptr)
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: int | None = None  # ident of the thread inside run()
+        self._sigmask_thread: int | None = None
+        self._timed_out = False
+        self._closing = False
+        self._stats = None
+
+    # -- basics --------------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ClosedError(f"vCPU {self.id} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def _ioctl(self, request: int, arg=_ZERO, detail: str | None = None) -> int:
+        return io.ioctl(self.fileno(), request, arg, self.role, detail)
+
+    @property
+    def kvm_run(self):
+        """The raw `struct kvm_run *` (for what the typed API does not cover)."""
+        return self._run
+
+    # -- running -------------------------------------------------------------------------
+
+    def _prepare_thread(self, ident: int) -> None:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        inside = set(old) - {KICK_SIGNAL}
+        req = ffi.new("struct kvm_signal_mask *", {"len": 8, "sigset": 8})
+        ffi.memmove(req.sigset, _sigset_bytes(inside), 8)
+        self._ioctl(io.KVM_SET_SIGNAL_MASK, req)
+        self._sigmask_thread = ident
+
+    def run(self, timeout: float | None = None) -> Exit:
+        """KVM_RUN once; returns the typed exit. With `timeout` (seconds), a guest still
+        running then is kicked and `IntrExit(timed_out=True)` comes back."""
+        ident = threading.get_ident()
+        if self._sigmask_thread != ident:
+            self._prepare_thread(ident)
+        with self._cond:
+            if self._fd < 0 or self._closing:
+                raise ClosedError(f"vCPU {self.id} is closed")
+            if self._thread is not None:
+                raise RuntimeError(f"vCPU {self.id} is already running in another thread")
+            self._thread = ident
+        token = _watchdog.arm(self, timeout) if timeout is not None else None
+        run = self._run
+        try:
+            while True:
+                if libc.ioctl(self._fd, io.KVM_RUN, _ZERO) >= 0:
+                    return decode(run, self._page)
+                err = ffi.errno
+                if err == _EINTR:
+                    run.immediate_exit = 0
+                    while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
+                        pass
+                    timed_out, self._timed_out = self._timed_out, False
+                    return IntrExit(timed_out)
+                if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
+                    raise KvmError(err, "KVM_RUN", self.role, f"vCPU {self.id}")
+        finally:
+            if token is not None:
+                _watchdog.disarm(token)
+            with self._cond:
+                self._thread = None
+                if self._closing:
+                    self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Make a run() in progress, or the next one, return IntrExit promptly."""
+        with self._cond:
+            if self._fd < 0:
+                return
+            self._run.immediate_exit = 1
+            if self._thread is not None:
+                signal.pthread_kill(self._thread, KICK_SIGNAL)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def in_smm(self) -> bool:
+        """Whether the vCPU was in System Management Mode when the last run() returned."""
+        return bool(self._run.flags & KVM_RUN_X86_SMM)
+
+    # -- registers -----------------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        regs = Regs()
+        self._ioctl(io.KVM_GET_REGS, regs._c)
+        return regs
+
+    def set_regs(self, regs: Regs) -> None:
+        self._ioctl(io.KVM_SET_REGS, Regs.cast(regs)._c)
+
+    def get_sregs(self) -> Sregs:
+        sregs = Sregs()
+        self._ioctl(io.KVM_GET_SREGS, sregs._c)
+        return sregs
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        self._ioctl(io.KVM_SET_SREGS, Sregs.cast(sregs)._c)
+
+    def get_fpu(self) -> Fpu:
+        fpu = Fpu()
+        self._ioctl(io.KVM_GET_FPU, fpu._c)
+        return fpu
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        self._ioctl(io.KVM_SET_FPU, Fpu.cast(fpu)._c)
+
+    def get_lapic(self) -> LapicState:
+        lapic = LapicState()
+        self._ioctl(io.KVM_GET_LAPIC, lapic._c)
+        return lapic
+
+    def set_lapic(self, lapic: LapicState) -> None:
+        self._ioctl(io.KVM_SET_LAPIC, LapicState.cast(lapic)._c)
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        indices = list(indices)
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            buf.entries[i].index = index
+        done = self._ioctl(io.KVM_GET_MSRS, buf)
+        if done < len(indices):
+            raise KvmError(errno.EINVAL, "KVM_GET_MSRS", self.role,
+                           f"MSR {indices[done]:#x} cannot be read")
+        return {buf.entries[i].index: buf.entries[i].data for i in range(len(indices))}
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        items = list(values.items())
+        buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (index, value) in enumerate(items):
+            buf.entries[i].index = index
+            buf.entries[i].data = value
+        done = self._ioctl(io.KVM_SET_MSRS, buf)
+        if done < len(items):
+            raise KvmError(errno.EINVAL, "KVM_SET_MSRS", self.role,
+                           f"KVM rejected MSR {items[done][0]:#x} = {items[done][1]:#x}")
+
+    def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
+        self._ioctl(io.KVM_SET_CPUID2, cpuid_to_c(entries))
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        nent = 256
+        buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
+        self._ioctl(io.KVM_GET_CPUID2, buf)
+        return cpuid_from_c(buf)
+
+    def get_events(self) -> VcpuEvents:
+        events = VcpuEvents()
+        self._ioctl(io.KVM_GET_VCPU_EVENTS, events._c)
+        return events
+
+    def set_events(self, events: VcpuEvents) -> None:
+        self._ioctl(io.KVM_SET_VCPU_EVENTS, VcpuEvents.cast(events)._c)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        self._ioctl(io.KVM_GET_MP_STATE, state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        self._ioctl(io.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        req = ffi.new("struct kvm_enable_cap *", {"cap": int(cap), "flags": flags,
+                                                   "args": list(args)})
+        self._ioctl(io.KVM_ENABLE_CAP, req)
+
+    # -- events --------------------------------------------------------------------------
+
+    def smi(self) -> None:
+        """KVM_SMI: queue a System Management Interrupt for this vCPU."""
+        if not self.vm.check_extension(Cap.X86_SMM):
+            raise MissingCapability(Cap.X86_SMM, "KVM_SMI", self.role,
+                                    "no System Management Mode on this host (stock KVM has "
+                                    "it: try `pyvmm nested`)")
+        self._ioctl(io.KVM_SMI)
+
+    def nmi(self) -> None:
+        self._ioctl(io.KVM_NMI)
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT: inject an external interrupt (only without the in-kernel irqchip)."""
+        self._ioctl(io.KVM_INTERRUPT, ffi.new("uint32_t *", vector))
+
+    # -- stats ---------------------------------------------------------------------------
+
+    def stats(self, histograms: bool = False) -> dict[str, int]:
+        """The vCPU's counters from its binary stats fd (exits, io_exits, mmio_exits, ...)."""
+        from .stats import StatsReader
+
+        if self._stats is None:
+            self._stats = StatsReader(self._ioctl(io.KVM_GET_STATS_FD))
+        return self._stats.read(histograms)
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the vCPU. A run() in another thread is kicked and waited for first, so the
+        kvm_run page is never unmapped under it."""
+        with self._cond:
+            if self._fd < 0:
+                return
+            self._closing = True
+            if self._thread is not None and self._thread != threading.get_ident():
+                self._run.immediate_exit = 1
+                signal.pthread_kill(self._thread, KICK_SIGNAL)
+                if not self._cond.wait_for(lambda: self._thread is None, timeout):
+                    self._closing = False
+                    raise TimeoutError(f"vCPU {self.id} did not leave KVM_RUN within {timeout}s")
+            if self._stats is not None:
+                self._stats.close()
+                self._stats = None
+            ffi.release(self._run_ptr)
+            try:
+                self._page.release()
+                self._map.close()
+            except BufferError:
+                # An exit's data view is still alive; the page is unmapped with the last one.
+                pass
+            os.close(self._fd)
+            self._fd = -1
+        self.vm._forget_vcpu(self)
+
+    def __enter__(self) -> "Vcpu":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Vcpu(id={self.id}, fd={self._fd})"
