@@ -120,7 +120,8 @@ def run_loop(vcpu: Any, result: GuestResult, *, timeout: float | None = 10.0,
                 result.detail = "triple fault (an exception with no usable handler)"
                 break
             elif isinstance(ex, ex_types.IntrExit):
-                if deadline is not None and time.monotonic() >= deadline:
+                if getattr(ex, "timed_out", False) or (
+                        deadline is not None and time.monotonic() >= deadline):
                     result.stop_reason = "timeout"
                     break
                 continue  # a signal or a kick: go on

@@ -84,7 +84,9 @@ class Report:
         raise AttributeError(name)
 
     def __str__(self) -> str:
-        return f"report {self.value:#x} ({self.value}) tag {self.tag:#x}"
+        wide = self.value64
+        shown = wide if wide >> 32 and wide & 0xFFFFFFFF == self.value else self.value
+        return f"report {shown:#x} ({shown}) tag {self.tag:#x}"
 
 
 @dataclass(frozen=True)

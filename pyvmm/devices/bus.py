@@ -1,0 +1,175 @@
+"""PIO and MMIO buses: route userspace I/O exits to Python devices by address range.
+
+A device is any object with `read(offset, size) -> bytes` and `write(offset, data)`; offsets
+are relative to the base it was registered at. Unclaimed accesses follow one documented
+policy: reads return all ones (as an empty ISA/PCI bus does), writes are dropped, and both
+are counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import GuestError
+
+
+class Device(Protocol):
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, offset: int, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mapping:
+    base: int
+    length: int
+    device: Device
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+class Bus:
+    """An address space of devices. Registration is locked; dispatch reads an immutable
+    snapshot, so vCPU threads dispatch without taking a lock."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self._lock = threading.Lock()
+        self._mappings: tuple[Mapping, ...] = ()
+        self._bases: tuple[int, ...] = ()
+        self.unclaimed_reads = 0
+        self.unclaimed_writes = 0
+        self.guest_errors: list[GuestError] = []
+
+    def register(self, base: int, length: int, device: Device) -> Mapping:
+        if length <= 0:
+            raise ValueError(f"{self.name}: device length must be positive, got {length}")
+        if base < 0 or base + length > self.size:
+            raise ValueError(f"{self.name}: range {base:#x}+{length:#x} is outside the bus "
+                             f"(0..{self.size - 1:#x})")
+        if not (callable(getattr(device, "read", None)) and
+                callable(getattr(device, "write", None))):
+            raise TypeError("a device needs read(offset, size) and write(offset, data)")
+        mapping = Mapping(base, length, device)
+        with self._lock:
+            for other in self._mappings:
+                if other.base < mapping.end and base < other.end:
+                    raise ValueError(f"{self.name}: range {base:#x}+{length:#x} overlaps "
+                                     f"{type(other.device).__name__} at "
+                                     f"{other.base:#x}+{other.length:#x}")
+            mappings = sorted(self._mappings + (mapping,), key=lambda m: m.base)
+            self._mappings = tuple(mappings)
+            self._bases = tuple(m.base for m in mappings)
+        return mapping
+
+    def unregister(self, device_or_mapping) -> None:
+        with self._lock:
+            keep = tuple(m for m in self._mappings
+                         if m is not device_or_mapping and m.device is not device_or_mapping)
+            if len(keep) == len(self._mappings):
+                raise ValueError(f"{self.name}: {device_or_mapping!r} is not registered")
+            self._mappings = keep
+            self._bases = tuple(m.base for m in keep)
+
+    def find(self, address: int, size: int = 1) -> Mapping | None:
+        i = bisect.bisect_right(self._bases, address) - 1
+        if i >= 0:
+            mapping = self._mappings[i]
+            if address + size <= mapping.end:
+                return mapping
+        return None
+
+    def devices(self) -> list[Mapping]:
+        return list(self._mappings)
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def read(self, address: int, size: int) -> bytes:
+        mapping = self.find(address, size)
+        if mapping is None:
+            self.unclaimed_reads += 1
+            return b"\xff" * size
+        try:
+            data = mapping.device.read(address - mapping.base, size)
+        except GuestError as err:
+            self.guest_errors.append(err)
+            return b"\xff" * size
+        if len(data) != size:
+            raise ValueError(f"{type(mapping.device).__name__}.read returned {len(data)} bytes "
+                             f"for a {size}-byte access")
+        return data
+
+    def write(self, address: int, data: bytes) -> None:
+        mapping = self.find(address, len(data))
+        if mapping is None:
+            self.unclaimed_writes += 1
+            return
+        try:
+            mapping.device.write(address - mapping.base, data)
+        except GuestError as err:
+            self.guest_errors.append(err)
+
+    def handle_io(self, exit) -> None:
+        """Serve an IoExit, one element at a time for string I/O."""
+        size = exit.size
+        data = exit.data
+        port = exit.port
+        if exit.is_write:
+            for i in range(0, size * exit.count, size):
+                self.write(port, bytes(data[i: i + size]))
+        else:
+            for i in range(0, size * exit.count, size):
+                data[i: i + size] = self.read(port, size)
+
+    def handle_mmio(self, exit) -> None:
+        if exit.is_write:
+            self.write(exit.address, bytes(exit.data))
+        else:
+            exit.data[:] = self.read(exit.address, exit.length)
+
+
+class PioBus(Bus):
+    def __init__(self) -> None:
+        super().__init__("pio", 0x10000)
+
+
+class MmioBus(Bus):
+    def __init__(self) -> None:
+        super().__init__("mmio", 1 << 64)
+
+
+class Counter:
+    """A device that counts writes (and answers reads with the count): the userspace end of
+    the doorbell harness."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last = b""
+        self._lock = threading.Lock()
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            self.count += 1
+            self.last = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        return (self.count & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+class Memory:
+    """A plain RAM-like device backed by a bytearray (useful in tests and as a scratch BAR)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.data[offset: offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.data[offset: offset + len(data)] = data

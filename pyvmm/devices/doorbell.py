@@ -1,0 +1,239 @@
+"""ioeventfd doorbells: a guest write to a PIO port or MMIO address signals an eventfd inside
+the kernel, so the notification never becomes a userspace exit. One epoll worker thread per
+machine serves every doorbell (as kvmtool does), counting rings exactly and running callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Callable
+
+from ..ioevent import IoEventAddress
+
+if TYPE_CHECKING:
+    from ..vm import Vm
+
+log = logging.getLogger("pyvmm.devices")
+
+Callback = Callable[["Doorbell", int], None]
+
+
+class Doorbell:
+    """An eventfd registered with KVM_IOEVENTFD at `address` (wildcard length 0, or 1/2/4/8
+    bytes, optionally only for writes of `datamatch`). `count` is the exact number of rings
+    so far; `callback(doorbell, rings)` runs for each batch of rings the worker picks up."""
+
+    def __init__(self, vm: "Vm", address: IoEventAddress, *, length: int = 0,
+                 datamatch: int | None = None, callback: Callback | None = None,
+                 worker: "DoorbellWorker | None" = None) -> None:
+        self.vm = vm
+        self.callback = callback
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._count = 0
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            vm.register_ioevent(self._fd, address, length=length, datamatch=datamatch)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.address, self.length, self.datamatch = address, length, datamatch
+        self.worker = worker
+        if worker is not None:
+            worker.add(self)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    # -- counting ------------------------------------------------------------------------
+
+    def _drain(self) -> int:
+        """Move the rings pending in the eventfd into the count; run the callback for them.
+        Called by the worker, and by readers of `count` so the count is exact at any time."""
+        with self._lock:
+            if self._fd < 0:
+                return 0
+            try:
+                rings = os.eventfd_read(self._fd)
+            except BlockingIOError:
+                return 0
+            self._count += rings
+            self._cond.notify_all()
+        callback = self.callback
+        if callback is not None:
+            try:
+                callback(self, rings)
+            except Exception as err:  # a device bug must not stop the doorbells
+                self.errors.append(err)
+                if self.worker is not None:
+                    self.worker._report(self, err)
+                else:
+                    log.exception("doorbell callback failed for %s", self.address)
+        return rings
+
+    @property
+    def count(self) -> int:
+        """Rings so far, exact: anything still pending in the eventfd is counted first."""
+        self._drain()
+        return self._count
+
+    def wait(self, count: int | None = None, timeout: float | None = None) -> bool:
+        """Block until the count reaches `count` (default: one more ring than now). Returns
+        False on timeout."""
+        target = (self.count + 1) if count is None else count
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._drain()
+            with self._lock:
+                if self._count >= target:
+                    return True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self.worker is not None and self.worker.running:
+                    # The worker drains and notifies; the slice bounds a lost notification.
+                    self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
+                    continue
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
+
+    async def wait_async(self, count: int | None = None, timeout: float | None = None) -> bool:
+        """`wait()` for asyncio code (runs in the default executor)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.wait, count, timeout)
+
+    # -- moving and removing -------------------------------------------------------------
+
+    def move(self, address: IoEventAddress, *, length: int | None = None,
+             datamatch: int | None | type(...) = ...) -> None:
+        """Re-register at another address/length/datamatch while the guest may be running.
+        Between the two ioctls the old address exits to userspace like any other access.
+        The count carries over."""
+        length = self.length if length is None else length
+        datamatch = self.datamatch if datamatch is ... else datamatch
+        self.vm.unregister_ioevent(self._fd, self.address, length=self.length,
+                                   datamatch=self.datamatch)
+        try:
+            self.vm.register_ioevent(self._fd, address, length=length, datamatch=datamatch)
+        except BaseException:
+            self.vm.register_ioevent(self._fd, self.address, length=self.length,
+                                     datamatch=self.datamatch)
+            raise
+        self.address, self.length, self.datamatch = address, length, datamatch
+
+    def remove(self) -> None:
+        """Deassign the ioeventfd (the address exits to userspace again), count what is
+        still pending, and close the eventfd. Idempotent."""
+        if self._fd < 0:
+            return
+        if self.worker is not None:
+            self.worker.discard(self)
+        if not self.vm.closed:
+            self.vm.unregister_ioevent(self._fd, self.address, length=self.length,
+                                       datamatch=self.datamatch)
+        self._drain()
+        with self._lock:
+            os.close(self._fd)
+            self._fd = -1
+            self._cond.notify_all()
+
+    close = remove
+
+    def __repr__(self) -> str:
+        match = "" if self.datamatch is None else f" datamatch={self.datamatch:#x}"
+        return f"Doorbell({self.address}, length={self.length}{match}, count={self._count})"
+
+
+class DoorbellWorker:
+    """One epoll thread for all doorbells of a machine. Callback errors are recorded in
+    `errors` (and passed to `on_error`), never allowed to stop the thread."""
+
+    def __init__(self, name: str = "pyvmm-doorbells") -> None:
+        self.name = name
+        self.errors: list[tuple[Doorbell, BaseException]] = []
+        self.on_error: Callable[[Doorbell, BaseException], None] | None = None
+        self._epoll = select.epoll()
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._lock = threading.Lock()
+        self._doorbells: dict[int, Doorbell] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def add(self, doorbell: Doorbell) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("doorbell worker is closed")
+            self._doorbells[doorbell.fileno()] = doorbell
+            self._epoll.register(doorbell.fileno(), select.EPOLLIN)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+
+    def discard(self, doorbell: Doorbell) -> None:
+        with self._lock:
+            fd = doorbell.fileno()
+            if self._doorbells.get(fd) is doorbell:
+                del self._doorbells[fd]
+                self._epoll.unregister(fd)
+
+    def _report(self, doorbell: Doorbell, err: BaseException) -> None:
+        self.errors.append((doorbell, err))
+        log.error("doorbell callback failed for %s: %r", doorbell.address, err)
+        if self.on_error is not None:
+            try:
+                self.on_error(doorbell, err)
+            except Exception:
+                log.exception("doorbell on_error hook failed")
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                events = self._epoll.poll()
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # epoll closed under us
+                return
+            for fd, _mask in events:
+                if fd == self._wake:
+                    try:
+                        os.eventfd_read(self._wake)
+                    except BlockingIOError:
+                        pass
+                    if self._stopping:
+                        return
+                    continue
+                with self._lock:
+                    doorbell = self._doorbells.get(fd)
+                if doorbell is not None:
+                    try:
+                        doorbell._drain()
+                    except Exception as err:
+                        self._report(doorbell, err)
+
+    def close(self) -> None:
+        """Stop the thread (after it finishes the batch in hand) and release the epoll fd."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        os.eventfd_write(self._wake, 1)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._epoll.close()
+        os.close(self._wake)

@@ -1,0 +1,321 @@
+"""`Machine`: a VM with memory, vCPUs, buses, doorbells and interrupts, and the exit-dispatch
+loop that runs a guest payload to its end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .devices import (COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus,
+                      SerialConsole)
+from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
+from .ioevent import IoEventAddress
+from .kvm import Kvm
+from .vcpu import Vcpu
+
+#: How a run ended.
+STOPS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped", "unhandled", "error")
+
+
+@dataclass
+class RunResult:
+    """What `Machine.run()` saw. `stop` is one of STOPS; `status` is the guest's DONE value."""
+
+    stop: str
+    status: int | None = None
+    exits: Counter = field(default_factory=Counter)
+    console: str = ""
+    reports: list = field(default_factory=list)
+    duration: float = 0.0
+    vcpu: int | None = None
+    last_exit: Exit | None = None
+    event: Any = None
+    error: BaseException | None = None
+    exits_per_vcpu: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.stop == "done" and self.status == 0
+
+    @property
+    def values(self) -> list[int]:
+        return [r.value for r in self.reports]
+
+    def summary(self) -> str:
+        lines = [f"stop: {self.stop}" + (f" (status {self.status})" if self.status is not None
+                                         else "") + f" after {self.duration * 1e3:.1f} ms"]
+        if self.event is not None and self.stop in ("fail", "fault", "unhandled"):
+            lines.append(f"  {self.event}")
+        if self.error is not None:
+            lines.append(f"  error on vCPU {self.vcpu}: {self.error!r}")
+        total = sum(self.exits.values())
+        lines.append(f"exits: {total}" + "".join(f"\n  {name:<18} {n}" for name, n in
+                                                sorted(self.exits.items(),
+                                                       key=lambda kv: -kv[1])))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+UCALL_PORTS = range(0xE9, 0xEE)
+
+ExitHandler = Callable[[Exit, Vcpu], Any]
+
+
+class Machine:
+    """A VM ready to run payloads.
+
+        with Machine() as m:
+            m.load("hello")
+            print(m.run(timeout=5).console)
+
+    `pio`/`mmio` are the buses; `doorbell()` and `interrupt()` make kernel fast-path devices;
+    `exit_handlers[ExitClass] = fn(exit, vcpu)` serves other exits (return a stop reason
+    string, or None to go on).
+    """
+
+    def __init__(self, *, vcpus: int = 1, memory_size: int | None = None, irqchip: bool = False,
+                 kvm: Kvm | None = None, serial: bool = True) -> None:
+        self._own_kvm = kvm is None
+        self.kvm = kvm if kvm is not None else Kvm()
+        self.vm = self.kvm.create_vm()
+        try:
+            self.irqchip = irqchip
+            if irqchip:
+                self.vm.create_irqchip()
+            self.vcpus: list[Vcpu] = [self.vm.create_vcpu() for _ in range(vcpus)]
+            self.pio = PioBus()
+            self.mmio = MmioBus()
+            self.exit_handlers: dict[type, ExitHandler] = {}
+            self.doorbells: list[Doorbell] = []
+            self.interrupts: list[Interrupt] = []
+            self._worker: DoorbellWorker | None = None
+            self._console = bytearray()
+            self.console_sink: Callable[[bytes], None] | None = None
+            self.serial = None
+            if serial:
+                self.serial = SerialConsole(sink=self._console_write)
+                self.pio.register(COM1, SerialConsole.length, self.serial)
+            self.payload = None
+            self._stop_reason: str | None = None
+            self._lock = threading.Lock()
+            if memory_size:
+                self.vm.add_memory(0, memory_size)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def memory(self):
+        return self.vm.memory
+
+    def add_memory(self, guest_addr: int, size: int, **kwargs):
+        return self.vm.add_memory(guest_addr, size, **kwargs)
+
+    def _console_write(self, data: bytes) -> None:
+        self._console += data
+        if self.console_sink is not None:
+            self.console_sink(data)
+
+    @property
+    def console(self) -> str:
+        return self._console.decode("utf-8", "replace")
+
+    # -- payloads ------------------------------------------------------------------------
+
+    def load(self, payload, *, regs: dict[str, int] | None = None,
+             memory_size: int | None = None):
+        """Build (by name or path) or take a `pyvmm.guests.Payload`, give the VM RAM at 0 if it
+        has none, write the image and system structures, and set vCPU 0 up for its mode.
+        `regs` are the payload's parameters (e.g. {"rcx": 1000})."""
+        from . import guests
+
+        if not isinstance(payload, guests.Payload):
+            payload = guests.build(payload)
+        if not self.vm.memory.regions(0):
+            payload.create_memory(self.vm, max(memory_size or 0, payload.memory_size))
+        payload.load(self.vm)
+        payload.setup_vcpu(self.vcpus[0], regs=regs)
+        self.payload = payload
+        return payload
+
+    # -- fast-path devices ---------------------------------------------------------------
+
+    @property
+    def worker(self) -> DoorbellWorker:
+        if self._worker is None:
+            self._worker = DoorbellWorker()
+        return self._worker
+
+    def doorbell(self, address: IoEventAddress, *, length: int = 0,
+                 datamatch: int | None = None,
+                 callback: Callable[[Doorbell, int], None] | None = None) -> Doorbell:
+        """An ioeventfd doorbell served by this machine's epoll worker."""
+        bell = Doorbell(self.vm, address, length=length, datamatch=datamatch,
+                        callback=callback, worker=self.worker)
+        self.doorbells.append(bell)
+        return bell
+
+    def interrupt(self, gsi: int) -> Interrupt:
+        """An irqfd on `gsi` (needs Machine(irqchip=True))."""
+        if not self.irqchip:
+            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
+                             "Machine(irqchip=True)")
+        irq = Interrupt(self.vm, gsi)
+        self.interrupts.append(irq)
+        return irq
+
+    # -- running -------------------------------------------------------------------------
+
+    def stop(self, reason: str = "stopped") -> None:
+        """End run() from any thread (a device callback, a signal handler, a timer)."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def run(self, timeout: float | None = 10.0, *, vcpus: list[int] | None = None) -> RunResult:
+        """Run the vCPUs (vCPU 0 in this thread when it is the only one; one thread each
+        otherwise) until the guest is done, fails, stops, or `timeout` seconds pass."""
+        selected = [self.vcpus[i] for i in (vcpus if vcpus is not None else
+                                            range(len(self.vcpus)))]
+        self._stop_reason = None
+        self._console.clear()
+        result = RunResult(stop="stopped")
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.stop, args=("timeout",))
+            timer.daemon = True
+        start = time.perf_counter()
+        if timer is not None:
+            timer.start()
+        try:
+            if len(selected) == 1:
+                outcomes = {selected[0].id: self._run_vcpu(selected[0], result)}
+            else:
+                outcomes = self._run_threads(selected, result)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        result.duration = time.perf_counter() - start
+        self._merge(result, outcomes)
+        result.console = self.console
+        if self._worker is not None and self._worker.errors and result.error is None:
+            result.error = self._worker.errors[0][1]
+        return result
+
+    def _run_threads(self, selected: list[Vcpu], result: RunResult) -> dict:
+        outcomes: dict[int, tuple] = {}
+
+        def body(vcpu: Vcpu) -> None:
+            outcome = self._run_vcpu(vcpu, result)
+            outcomes[vcpu.id] = outcome
+            if outcome[0] not in ("done", "timeout", "stopped"):
+                self.stop(outcome[0])  # the first failure ends the others
+
+        threads = [threading.Thread(target=body, args=(v,), name=f"pyvmm-vcpu{v.id}")
+                   for v in selected]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return outcomes
+
+    def _merge(self, result: RunResult, outcomes: dict) -> None:
+        # The run's stop is the first non-"done" outcome (by vCPU id), else done.
+        chosen = None
+        for vcpu_id in sorted(outcomes):
+            outcome = outcomes[vcpu_id]
+            if outcome[0] != "done":
+                chosen = (vcpu_id, outcome)
+                break
+        if chosen is None:
+            vcpu_id = min(outcomes)
+            chosen = (vcpu_id, outcomes[vcpu_id])
+        vcpu_id, (stop, status, event, last_exit, error) = chosen
+        result.stop, result.status, result.event = stop, status, event
+        result.last_exit, result.error, result.vcpu = last_exit, error, vcpu_id
+
+    def _run_vcpu(self, vcpu: Vcpu, result: RunResult) -> tuple:
+        """The exit loop of one vCPU: (stop, status, event, last_exit, error)."""
+        from .guests import ucall
+
+        counts: Counter = Counter()
+        result.exits_per_vcpu[vcpu.id] = counts
+        pio, mmio, handlers = self.pio, self.mmio, self.exit_handlers
+        ex: Exit | None = None
+        try:
+            while True:
+                if self._stop_reason is not None:
+                    return (self._stop_reason, None, None, ex, None)
+                ex = vcpu.run()
+                cls = type(ex)
+                counts[cls.__name__] += 1
+                if cls is IoExit:
+                    if ex.port in UCALL_PORTS:
+                        event = ucall.decode(ex, vcpu)
+                        if event is None:
+                            pio.handle_io(ex)
+                        elif isinstance(event, ucall.ConsoleOutput):
+                            self._console_write(event.data)
+                        elif isinstance(event, ucall.Report):
+                            result.reports.append(event)
+                        elif isinstance(event, ucall.Done):
+                            return ("done", event.status, event, ex, None)
+                        elif isinstance(event, ucall.Fail):
+                            return ("fail", event.code, event, ex, None)
+                        else:
+                            return ("fault", None, event, ex, None)
+                    else:
+                        pio.handle_io(ex)
+                elif cls is MmioExit:
+                    mmio.handle_mmio(ex)
+                elif cls is IntrExit:
+                    continue  # a kick: the loop head sees why
+                elif cls is HltExit:
+                    return ("hlt", None, None, ex, None)
+                elif cls is ShutdownExit:
+                    return ("shutdown", None, None, ex, None)
+                else:
+                    handler = handlers.get(cls)
+                    if handler is None:
+                        return ("unhandled", None, ex, ex, None)
+                    stop = handler(ex, vcpu)
+                    if stop is not None:
+                        return (stop, None, ex, ex, None)
+        except Exception as err:
+            for c in counts:
+                result.exits[c] += 0
+            return ("error", None, None, ex, err)
+        finally:
+            for name, n in counts.items():
+                result.exits[name] += n
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the doorbell worker, remove doorbells and interrupts, close the VM (and its
+        vCPUs and memory) and, if this machine opened it, /dev/kvm. Idempotent."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.close()
+            self._worker = None
+        for bell in getattr(self, "doorbells", []):
+            bell.remove()
+        for irq in getattr(self, "interrupts", []):
+            irq.close()
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+        if self._own_kvm and getattr(self, "kvm", None) is not None:
+            self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

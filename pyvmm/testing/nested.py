@@ -1,0 +1,523 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Run a command on stock KVM: a Debian kernel booted under QEMU TCG with kvm_amd loaded.
+
+This host's /dev/kvm is kvm_pvm, which has no SMM and sends no hypercalls to userspace. QEMU's
+software CPU emulates AMD SVM, so a stock kernel booted under ``-accel tcg -cpu max`` loads
+``kvm_amd`` and its /dev/kvm has both. The guest mounts the host's root read-only over 9p,
+the project checkout read-write, chroots into the host filesystem and runs the command there
+with the host's own Python, so the installed packages are the ones the host has.
+
+Command line (also ``pyvmm nested``)::
+
+    python -m pyvmm.testing.nested [options] [-- command ...]
+    python -m pyvmm.testing.nested --check-skips LOCAL.json NESTED.json
+    python -m pyvmm.testing.nested --prepare
+
+With no command, runs ``python -m pytest -m stock_kvm``. Exit status is the command's; 124 on
+timeout, 125 when the VM failed before the command finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from . import initramfs as _initramfs
+from . import kernel as _kernel
+from .initramfs import GUEST_CTL, MARKER
+from .kernel import NestedSetupError
+
+DEFAULT_COMMAND = ["python", "-m", "pytest", "-m", "stock_kvm"]
+DEFAULT_TIMEOUT = 3600.0
+DEFAULT_MEMORY_MB = 2048
+DEFAULT_SMP = 1
+EXIT_TIMEOUT = 124
+EXIT_VM_FAILED = 125
+
+# Environment passed into the guest: these names, and every name with one of the prefixes.
+ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "COLUMNS", "NO_COLOR",
+    "FORCE_COLOR", "CI", "PYTHONPATH", "PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONFAULTHANDLER",
+    "PYTHONDEVMODE", "PYTHONUTF8", "PYTHONDONTWRITEBYTECODE", "PYTHONTRACEMALLOC",
+    "VIRTUAL_ENV", "PYENV_VERSION", "PYENV_ROOT", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+})
+ENV_PREFIXES = ("PYVMM_", "PYTEST_", "HYPOTHESIS_", "LC_", "TOX_")
+# Environment variables that name a file the tests write: inside the guest they point into the
+# control share, and the runner copies the file back to the host path afterwards.
+OUTPUT_ENV = ("PYVMM_PASSED", "PYVMM_CAP_SKIPS")
+
+# Run inside the guest before the command: what KVM_CHECK_EXTENSION says for SMM (117),
+# MULTI_ADDRESS_SPACE (118) and EXIT_HYPERCALL (201), with nothing but the standard library.
+PROBE = f"""\
+import fcntl, os
+try:
+    fd = os.open("/dev/kvm", os.O_RDWR)
+except OSError as e:
+    print("{MARKER} probe none", e.strerror.replace(" ", "_"))
+else:
+    c = lambda n: fcntl.ioctl(fd, 0xAE03, n)
+    print("{MARKER} probe SMM=%d MULTI_ADDRESS_SPACE=%d EXIT_HYPERCALL=%d" % (c(117), c(118), c(201)))
+"""
+
+
+@dataclass
+class NestedResult:
+    """What one nested run produced. Times are seconds, measured on the host."""
+
+    returncode: int
+    output: str                     # the command's own output (console lines between markers)
+    boot_s: float = 0.0             # QEMU start until /init runs
+    setup_s: float = 0.0            # modules, mounts, the KVM probe
+    command_s: float = 0.0          # the command itself
+    total_s: float = 0.0
+    kvm_module: str = "none"
+    caps: dict[str, int] = field(default_factory=dict)
+    console: str = ""               # everything the guest printed
+    timed_out: bool = False
+
+    def summary(self) -> str:
+        smm = self.caps.get("SMM", "?")
+        return (f"pyvmm nested: {self.kvm_module} SMM={smm} boot {self.boot_s:.1f}s "
+                f"setup {self.setup_s:.1f}s command {self.command_s:.1f}s "
+                f"exit {self.returncode}" + (" (timed out)" if self.timed_out else ""))
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+def project_root(cwd: str | os.PathLike) -> Path:
+    """The nearest folder at or above ``cwd`` with a pyproject.toml, setup.py or .git."""
+    cwd = Path(cwd).resolve()
+    for d in (cwd, *cwd.parents):
+        if any((d / marker).exists() for marker in ("pyproject.toml", "setup.py", ".git")):
+            return d
+    return cwd
+
+
+def guest_env(host_env: dict[str, str], *, python: str, extra: dict[str, str] | None = None,
+              tty: bool = False) -> dict[str, str]:
+    """The environment the command gets inside the guest."""
+    env = {k: v for k, v in host_env.items()
+           if k in ENV_NAMES or k.startswith(ENV_PREFIXES)}
+    # Our interpreter's folder first, so "python" is this one and not a pyenv shim
+    path = [os.path.dirname(python)]
+    path += [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(":")
+             if p and p not in path]
+    env["PATH"] = ":".join(path)
+    env.setdefault("HOME", "/root")
+    env.setdefault("LANG", "C.UTF-8")
+    env["TMPDIR"] = "/tmp"
+    if not tty:
+        env["TERM"] = "dumb"
+    env.setdefault("TERM", "dumb")
+    env["PYVMM_NESTED"] = "1"
+    env.setdefault("PYVMM_REQUIRE_KVM", "1")
+    env.update(extra or {})
+    return env
+
+
+def resolve_command(command: list[str], python: str) -> list[str]:
+    """``python``/``python3`` as the first word becomes the host interpreter's absolute path."""
+    if command and command[0] in ("python", "python3", os.path.basename(python)):
+        return [python, *command[1:]]
+    return list(command)
+
+
+def run_script(command: list[str], *, cwd: str, env: dict[str, str], python: str,
+               probe: bool = True) -> str:
+    """The shell script the guest runs in the chroot (under ``env -i``)."""
+    q = shlex.quote
+    lines = ["# generated by pyvmm.testing.nested", "umask 022"]
+    lines += [f"export {k}={q(v)}" for k, v in sorted(env.items()) if k.isidentifier()]
+    lines.append(f"cd {q(cwd)} || {{ echo {q('cannot cd to ' + cwd)}; "
+                 f"echo {EXIT_VM_FAILED} > {GUEST_CTL}/status; exit {EXIT_VM_FAILED}; }}")
+    if probe:
+        lines.append(f"{q(python)} -S -c {q(PROBE)}")
+    lines.append(f"echo '{MARKER} start'")
+    lines.append(" ".join(q(a) for a in command))
+    lines.append("rc=$?")
+    lines.append(f"echo $rc > {GUEST_CTL}/status")
+    lines.append(f"echo '{MARKER} end' $rc")
+    lines.append("exit $rc")
+    return "\n".join(lines) + "\n"
+
+
+def _virtfs(path: str, tag: str, readonly: bool = False) -> str:
+    opts = f"local,path={path.replace(',', ',,')},mount_tag={tag},security_model=none"
+    opts += ",multidevs=remap"
+    return opts + (",readonly=on" if readonly else "")
+
+
+KERNEL_CMDLINE = ("console=ttyS0 panic=-1 quiet loglevel=4 mitigations=off random.trust_cpu=on "
+                  "rdinit=/init")
+
+
+def qemu_command(*, qemu: str, kernel: str, initrd: str, bios: str | None, work: str, ctl: str,
+                 smp: int, memory_mb: int, accel: str = "tcg", cpu: str = "max") -> list[str]:
+    cmd = [qemu, "-accel", accel, "-cpu", cpu, "-smp", str(smp), "-m", str(memory_mb),
+           "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+           "-serial", "stdio", "-nic", "none", "-no-reboot",
+           "-kernel", kernel, "-initrd", initrd, "-append", KERNEL_CMDLINE,
+           "-virtfs", _virtfs("/", "hostroot", readonly=True),
+           "-virtfs", _virtfs(work, "pyvmmwork"),
+           "-virtfs", _virtfs(ctl, "pyvmmctl")]
+    if bios:
+        cmd[1:1] = ["-bios", bios]
+    return cmd
+
+
+def _die_with_parent() -> None:
+    """In QEMU's child process: get SIGKILL if the runner dies, so QEMU is never orphaned."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+@dataclass
+class Prepared:
+    qemu: str
+    kernel: str
+    initrd: str
+    bios: str | None
+    release: str
+
+
+def prepare(cache: Path | None = None) -> Prepared:
+    """Find or install everything a boot needs; cheap once cached."""
+    cache = cache or _kernel.cache_dir()
+    tools = _kernel.ensure_host_tools()
+    kern = _kernel.ensure_kernel(cache)
+    initrd = _initramfs.build_initramfs(kern, tools["busybox"], cache)
+    if kern.vmlinux is not None and tools["qboot"]:
+        return Prepared(tools["qemu"], str(kern.vmlinux), str(initrd), tools["qboot"],
+                        kern.release)
+    return Prepared(tools["qemu"], str(kern.vmlinuz), str(initrd), None, kern.release)
+
+
+class _Console:
+    """Splits the guest console into marker lines (kept out of the stream) and output."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self.pending = ""          # an incomplete last line
+        self.flushed = 0           # how much of ``pending`` was already written to the stream
+        self.lines: list[str] = []
+        self.command_lines: list[str] = []
+        self.in_command = False
+        self.events: list[tuple[float, list[str]]] = []
+
+    def feed(self, text: str, now: float) -> None:
+        text = self.pending + text.replace("\r\n", "\n").replace("\r", "")
+        *complete, self.pending = text.split("\n")
+        for line in complete:
+            self._line(line, now)
+        # Write out a partial line now (progress dots), up to the first "@": a marker may start
+        # there, and markers never reach the stream.
+        at = self.pending.find("@", self.flushed)
+        upto = len(self.pending) if at < 0 else at
+        if upto > self.flushed:
+            self._write(self.pending[self.flushed:upto])
+            self.flushed = upto
+
+    def close(self, now: float) -> None:
+        if self.pending:
+            self._line(self.pending, now)
+            self.pending = ""
+
+    def _line(self, line: str, now: float) -> None:
+        flushed, self.flushed = self.flushed, 0
+        idx = line.find(MARKER)
+        if idx >= 0:
+            before, words = line[:idx], line[idx + len(MARKER):].split()
+            if before:
+                self._output(before, flushed, newline=True)
+            self.lines.append(line)
+            self.events.append((now, words))
+            if words and words[0] == "start":
+                self.in_command = True
+            elif words and words[0] in ("end", "halt"):
+                self.in_command = False
+            return
+        self._output(line, flushed, newline=True)
+
+    def _output(self, line: str, flushed: int, newline: bool) -> None:
+        self.lines.append(line)
+        if self.in_command:
+            self.command_lines.append(line)
+        self._write(line[flushed:] + ("\n" if newline else ""))
+
+    def _write(self, s: str) -> None:
+        if self.stream is not None:
+            self.stream.write(s)
+            self.stream.flush()
+
+
+def run_nested(command: list[str] | None = None, *, cwd: str | os.PathLike | None = None,
+               timeout: float = DEFAULT_TIMEOUT, smp: int = DEFAULT_SMP,
+               memory_mb: int = DEFAULT_MEMORY_MB, stream: TextIO | None = sys.stdout,
+               env: dict[str, str] | None = None, overlay: bool = True, probe: bool = True,
+               python: str | None = None, accel: str = "tcg", cpu: str = "max",
+               cache: Path | None = None) -> NestedResult:
+    """Boot the nested VM, run ``command`` in ``cwd`` there, and return what happened.
+
+    ``stream`` gets the console live (None: quiet). ``env`` adds variables to the guest
+    environment. ``overlay`` puts a tmpfs overlay over the read-only host root, so writes
+    outside the checkout (caches in $HOME) succeed and are discarded at the end.
+    """
+    command = list(command or DEFAULT_COMMAND)
+    python = python or sys.executable
+    cwd = Path(cwd or os.getcwd()).resolve()
+    work = project_root(cwd)
+    if work == Path("/"):
+        raise NestedSetupError("the project folder cannot be / (it is shared read-write)")
+    t_prep = time.monotonic()
+    prep = prepare(cache)
+    prep_s = time.monotonic() - t_prep
+    if stream is not None and prep_s > 1:
+        print(f"pyvmm nested: prepared kernel {prep.release} in {prep_s:.1f}s", file=stream)
+
+    tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+    extra = dict(env or {})
+    if tty and "COLUMNS" not in extra:
+        extra["COLUMNS"] = str(shutil.get_terminal_size().columns)
+    genv = guest_env(dict(os.environ), python=python, extra=extra, tty=tty)
+    outputs = {}
+    for var in OUTPUT_ENV:
+        if genv.get(var):
+            outputs[var] = Path(cwd, genv[var])
+            genv[var] = f"{GUEST_CTL}/out/{var}.json"
+
+    with tempfile.TemporaryDirectory(prefix="pyvmm-nested-") as ctl:
+        ctl_path = Path(ctl)
+        (ctl_path / "out").mkdir()
+        (ctl_path / "config.sh").write_text(
+            f"WORK={shlex.quote(str(work))}\nOVERLAY={1 if overlay else 0}\n")
+        (ctl_path / "run.sh").write_text(
+            run_script(resolve_command(command, python), cwd=str(cwd), env=genv, python=python,
+                       probe=probe))
+        qcmd = qemu_command(qemu=prep.qemu, kernel=prep.kernel, initrd=prep.initrd,
+                            bios=prep.bios, work=str(work), ctl=ctl, smp=smp,
+                            memory_mb=memory_mb, accel=accel, cpu=cpu)
+        result = _boot(qcmd, timeout=timeout, stream=stream)
+        status_file = ctl_path / "status"
+        if status_file.exists() and not result.timed_out:
+            try:
+                result.returncode = int(status_file.read_text().strip())
+            except ValueError:
+                pass
+        for var, host_path in outputs.items():
+            produced = ctl_path / "out" / f"{var}.json"
+            if produced.exists():
+                host_path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(produced, host_path)
+    if stream is not None:
+        print(result.summary(), file=stream, flush=True)
+    return result
+
+
+def _boot(qcmd: list[str], *, timeout: float, stream: TextIO | None) -> NestedResult:
+    console = _Console(stream)
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    timed_out = False
+    proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    try:
+        fd = proc.stdout.fileno()
+        decoder = _decoder()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            console.feed(decoder.decode(chunk), time.monotonic())
+        console.feed(decoder.decode(b"", final=True), time.monotonic())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    end = time.monotonic()
+    console.close(end)
+    if timed_out and stream is not None:
+        print(f"\npyvmm nested: timed out after {timeout:.0f}s; QEMU killed", file=stream)
+    return _result_from_events(console, t0, end, timed_out, proc.returncode)
+
+
+def _decoder():
+    import codecs
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def _result_from_events(console: _Console, t0: float, end: float, timed_out: bool,
+                        qemu_rc: int | None) -> NestedResult:
+    times: dict[str, float] = {}
+    kvm_module = "none"
+    caps: dict[str, int] = {}
+    code = None
+    for now, words in console.events:
+        if not words:
+            continue
+        kind = words[0]
+        times.setdefault(kind, now)
+        if kind == "setup" and len(words) > 1:
+            kvm_module = words[1]
+        elif kind == "probe":
+            for w in words[1:]:
+                if "=" in w:
+                    name, value = w.split("=", 1)
+                    if value.isdigit():
+                        caps[name] = int(value)
+        elif kind == "end" and len(words) > 1 and words[1].lstrip("-").isdigit():
+            code = int(words[1])
+    boot = times.get("boot", end)
+    start = times.get("start", end)
+    finish = times.get("end", end)
+    if timed_out:
+        rc = EXIT_TIMEOUT
+    elif code is not None:
+        rc = code
+    else:
+        rc = EXIT_VM_FAILED
+    return NestedResult(
+        returncode=rc, output="\n".join(console.command_lines) + (
+            "\n" if console.command_lines else ""),
+        boot_s=boot - t0, setup_s=max(0.0, start - boot), command_s=max(0.0, finish - start),
+        total_s=end - t0, kvm_module=kvm_module, caps=caps,
+        console="\n".join(console.lines) + "\n", timed_out=timed_out)
+
+
+# --------------------------------------------------------------------------------- skip checking
+
+def load_json(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_skips(local: dict, nested: dict) -> tuple[bool, list[str]]:
+    """Did every test skipped locally for a missing capability run and pass in the nested run?
+
+    ``local`` is what the plugin wrote to $PYVMM_CAP_SKIPS on the host, ``nested`` what it wrote
+    to $PYVMM_PASSED inside the nested runner. Returns (ok, report lines).
+    """
+    skipped: dict[str, list[str]] = local.get("skipped", {})
+    passed = set(nested.get("passed", []))
+    failed = set(nested.get("failed", []))
+    nested_skipped: dict[str, str] = nested.get("skipped", {})
+    lines = []
+    bad = 0
+    for nodeid in sorted(skipped):
+        caps = ",".join(skipped[nodeid])
+        if nodeid in passed:
+            continue
+        bad += 1
+        if nodeid in failed:
+            lines.append(f"FAILED in the nested run: {nodeid} (skipped locally for {caps})")
+        elif nodeid in nested_skipped:
+            lines.append(f"SKIPPED in the nested run too: {nodeid} ({nested_skipped[nodeid]})")
+        else:
+            lines.append(f"NOT RUN in the nested run: {nodeid} (skipped locally for {caps})")
+    where = nested.get("kvm", "the nested run")
+    lines.append(f"pyvmm nested: {len(skipped) - bad} of {len(skipped)} tests skipped locally "
+                 f"for a capability passed on {where}" + ("" if not bad else f"; {bad} did not"))
+    return bad == 0, lines
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyvmm nested",
+        description="Run a command on stock kvm_amd inside QEMU TCG (default: "
+                    "python -m pytest -m stock_kvm).",
+        epilog="Exit status: the command's; 124 on timeout; 125 if the VM failed first.")
+    p.add_argument("--timeout", type=float,
+                   default=float(os.environ.get("PYVMM_NESTED_TIMEOUT", DEFAULT_TIMEOUT)),
+                   help="seconds before QEMU is killed (default %(default)s, "
+                        "env PYVMM_NESTED_TIMEOUT)")
+    p.add_argument("--smp", type=int, default=int(os.environ.get("PYVMM_NESTED_SMP", DEFAULT_SMP)))
+    p.add_argument("--memory", type=int, metavar="MB",
+                   default=int(os.environ.get("PYVMM_NESTED_MEMORY", DEFAULT_MEMORY_MB)))
+    p.add_argument("--cwd", default=None, help="where to run the command (default: here)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the command")
+    p.add_argument("--passed", metavar="PATH",
+                   help="write the passed/failed/skipped test ids here (sets PYVMM_PASSED)")
+    p.add_argument("--no-overlay", action="store_true",
+                   help="keep the host root strictly read-only (no tmpfs overlay)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--prepare", action="store_true",
+                   help="install/download/build everything, boot nothing")
+    p.add_argument("--check-skips", nargs=2, metavar=("LOCAL", "NESTED"),
+                   help="check that every test LOCAL ($PYVMM_CAP_SKIPS) skipped for a missing "
+                        "capability passed in NESTED ($PYVMM_PASSED)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        opts, command = argv[:i], argv[i + 1:]
+        args = _parser().parse_args(opts)
+        if args.command:
+            _parser().error(f"unexpected arguments before --: {' '.join(args.command)}")
+    else:
+        args = _parser().parse_args(argv)
+        command = args.command
+    try:
+        if args.check_skips:
+            ok, lines = check_skips(load_json(args.check_skips[0]),
+                                    load_json(args.check_skips[1]))
+            print("\n".join(lines))
+            return 0 if ok else 1
+        if args.prepare:
+            prep = prepare()
+            print(f"pyvmm nested: ready: kernel {prep.release}, {prep.kernel}, {prep.initrd}")
+            return 0
+        extra = {}
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep:
+                _parser().error(f"--env wants NAME=VALUE, not {item!r}")
+            extra[name] = value
+        if args.passed:
+            extra["PYVMM_PASSED"] = args.passed
+        quiet_stream = None
+        result = run_nested(command or None, cwd=args.cwd, timeout=args.timeout, smp=args.smp,
+                            memory_mb=args.memory, env=extra, overlay=not args.no_overlay,
+                            stream=quiet_stream if args.quiet else sys.stdout)
+        if args.quiet:
+            print(result.summary())
+        return result.returncode
+    except NestedSetupError as e:
+        print(f"pyvmm nested: {e}", file=sys.stderr)
+        return EXIT_VM_FAILED
+    except KeyboardInterrupt:
+        print("\npyvmm nested: interrupted; QEMU stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
