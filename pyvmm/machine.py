@@ -301,12 +301,12 @@ class Machine:
     def close(self) -> None:
         """Stop the doorbell worker, remove doorbells and interrupts, close the VM (and its
         vCPUs and memory) and, if this machine opened it, /dev/kvm. Idempotent."""
+        for bell in getattr(self, "doorbells", []):
+            bell.remove()
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.close()
             self._worker = None
-        for bell in getattr(self, "doorbells", []):
-            bell.remove()
         for irq in getattr(self, "interrupts", []):
             irq.close()
         if getattr(self, "vm", None) is not None:

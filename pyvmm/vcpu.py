@@ -117,7 +117,7 @@ class Vcpu:
         self._page = memoryview(self._map)
         self._run_ptr = ffi.from_buffer(self._page)
         self._run = ffi.cast("struct kvm_run *", self._run_ptr)
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
         self._sigmask_thread: int | None = None
         self._timed_out = False
@@ -159,7 +159,7 @@ class Vcpu:
         ident = threading.get_ident()
         if self._sigmask_thread != ident:
             self._prepare_thread(ident)
-        with self._cond:
+        with self._lock:
             if self._fd < 0 or self._closing:
                 raise ClosedError(f"vCPU {self.id} is closed")
             if self._thread is not None:
@@ -183,14 +183,12 @@ class Vcpu:
         finally:
             if token is not None:
                 _watchdog.disarm(token)
-            with self._cond:
+            with self._lock:
                 self._thread = None
-                if self._closing:
-                    self._cond.notify_all()
 
     def kick(self) -> None:
         """Make a run() in progress, or the next one, return IntrExit promptly."""
-        with self._cond:
+        with self._lock:
             if self._fd < 0:
                 return
             self._run.immediate_exit = 1
@@ -324,16 +322,26 @@ class Vcpu:
     def close(self, timeout: float = 5.0) -> None:
         """Close the vCPU. A run() in another thread is kicked and waited for first, so the
         kvm_run page is never unmapped under it."""
-        with self._cond:
+        with self._lock:
             if self._fd < 0:
                 return
             self._closing = True
-            if self._thread is not None and self._thread != threading.get_ident():
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                thread = self._thread
+                if thread is None or thread == threading.get_ident():
+                    break
                 self._run.immediate_exit = 1
-                signal.pthread_kill(self._thread, KICK_SIGNAL)
-                if not self._cond.wait_for(lambda: self._thread is None, timeout):
+                signal.pthread_kill(thread, KICK_SIGNAL)
+            if time.monotonic() > deadline:
+                with self._lock:
                     self._closing = False
-                    raise TimeoutError(f"vCPU {self.id} did not leave KVM_RUN within {timeout}s")
+                raise TimeoutError(f"vCPU {self.id} did not leave KVM_RUN within {timeout}s")
+            time.sleep(0.0005)
+        with self._lock:
+            if self._fd < 0:
+                return
             if self._stats is not None:
                 self._stats.close()
                 self._stats = None

@@ -298,3 +298,11 @@ def test_exception_stubs_disassemble():
     assert f"jmp    {layout.EXC_COMMON:#x}" in dis
     assert "push   $0xd" in dis
     assert "out    %eax,$0xed" in dis and "mov    %cr2,%rdx" in dis
+
+
+def test_unwritable_cache_builds_uncached(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PYVMM_GUEST_CACHE", str(blocker / "cache"))
+    p = guests.build("hello", cache=True)
+    assert not p.cached and p.build_dir is None and p.image

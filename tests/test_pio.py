@@ -47,7 +47,7 @@ class PioDevice:
         assert len(ex.data) == ex.size * ex.count
         if ex.is_write:
             self.log.append((ex.port, ex.size, ex.count, True, bytes(ex.data)))
-            return None
+            return
         if ex.port == self.port:
             assert ex.count == 1
             ex.data[:] = IN_VALUES[ex.size].to_bytes(ex.size, "little")
@@ -58,7 +58,7 @@ class PioDevice:
         else:
             raise AssertionError(f"unexpected IN {ex}")
         self.log.append((ex.port, ex.size, ex.count, False, bytes(ex.data)))
-        return None
+        return
 
 
 def test_pio_payload(kvm):

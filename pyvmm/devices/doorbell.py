@@ -188,7 +188,9 @@ class DoorbellWorker:
     def discard(self, doorbell: Doorbell) -> None:
         with self._lock:
             fd = doorbell.fileno()
-            if self._doorbells.get(fd) is doorbell:
+            if self._stopping:
+                self._doorbells.pop(fd, None)
+            elif self._doorbells.get(fd) is doorbell:
                 del self._doorbells[fd]
                 self._epoll.unregister(fd)
 

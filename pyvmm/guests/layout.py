@@ -31,10 +31,33 @@ from __future__ import annotations
 import struct
 
 __all__ = [
-    "SYSTEM_BASE", "SYSTEM_END", "GDT", "GDT_LIMIT", "GDTR", "IDTR", "IDT", "IDT_LIMIT",
-    "EXC_STUBS", "TSS", "TSS_LIMIT", "RING0_STACK_TOP", "PML4", "PDPT", "PD", "STACK_TOP",
-    "REAL_MODE_SS", "REAL_MODE_SP", "SEL_CODE32", "SEL_DATA", "SEL_CODE64", "SEL_UDATA",
-    "SEL_UCODE64", "SEL_TSS", "IDENTITY_MAP_SIZE", "system_area", "write_system_area",
+    "EXC_STUBS",
+    "GDT",
+    "GDTR",
+    "GDT_LIMIT",
+    "IDENTITY_MAP_SIZE",
+    "IDT",
+    "IDTR",
+    "IDT_LIMIT",
+    "PD",
+    "PDPT",
+    "PML4",
+    "REAL_MODE_SP",
+    "REAL_MODE_SS",
+    "RING0_STACK_TOP",
+    "SEL_CODE32",
+    "SEL_CODE64",
+    "SEL_DATA",
+    "SEL_TSS",
+    "SEL_UCODE64",
+    "SEL_UDATA",
+    "STACK_TOP",
+    "SYSTEM_BASE",
+    "SYSTEM_END",
+    "TSS",
+    "TSS_LIMIT",
+    "system_area",
+    "write_system_area",
 ]
 
 SYSTEM_BASE = 0x80000

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import layout
 
-__all__ = ["MODES", "setup_vcpu", "default_stack"]
+__all__ = ["MODES", "default_stack", "setup_vcpu"]
 
 MODES = ("real16", "prot32", "long64", "long64-user")
 
@@ -56,7 +56,7 @@ def default_stack(mode: str) -> int:
 
 
 def _seg(seg: Any, *, selector: int, base: int = 0, limit: int = 0xFFFFFFFF, type: int = _DATA,
-         s: int = 1, dpl: int = 0, db: int = 1, l: int = 0, g: int = 1) -> None:  # noqa: E741
+         s: int = 1, dpl: int = 0, db: int = 1, l: int = 0, g: int = 1) -> None:
     seg.selector = selector
     seg.base = base
     seg.limit = limit

@@ -12,7 +12,7 @@ from typing import Any
 from . import ucall
 from .payload import Payload
 
-__all__ = ["run", "GuestResult", "STOP", "run_loop"]
+__all__ = ["STOP", "GuestResult", "run", "run_loop"]
 
 
 class _Stop:

@@ -45,17 +45,17 @@ if TYPE_CHECKING:
     from .payload import Payload
 
 __all__ = [
-    "ToolchainError",
-    "MissingToolError",
     "AssemblyError",
     "HeaderError",
+    "MissingToolError",
     "PayloadHeader",
+    "ToolchainError",
+    "available",
+    "build",
+    "cache_dir",
+    "find_source",
     "parse_header",
     "sources_dir",
-    "available",
-    "find_source",
-    "cache_dir",
-    "build",
 ]
 
 #: Bumped whenever the build recipe or the cache format changes.
@@ -123,7 +123,7 @@ class HeaderError(ValueError):
 class PayloadHeader:
     """The parsed ``# pyvmm:`` header of a source."""
 
-    __slots__ = ("mode", "load", "entry", "memory")
+    __slots__ = ("entry", "load", "memory", "mode")
 
     def __init__(self, mode: str, load: int, entry: str | int, memory: int):
         self.mode = mode
@@ -369,7 +369,12 @@ def build(name: str | os.PathLike[str], *, cache: bool = True) -> Payload:
 
     tmp_parent = cache_dir() if cache else None
     if tmp_parent is not None:
-        tmp_parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp_parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(tmp_parent, os.W_OK):
+                raise PermissionError(tmp_parent)
+        except OSError:
+            cache, tmp_parent = False, None  # an unusable cache folder: build uncached
     with tempfile.TemporaryDirectory(prefix="build-", dir=tmp_parent) as tmp:
         tmpdir = Path(tmp)
         symbols = _assemble(source, header, tools, tmpdir)

@@ -29,9 +29,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
-    "PORT_CONSOLE", "PORT_REPORT", "PORT_DONE", "PORT_FAIL", "PORT_FAULT", "PORTS",
-    "ConsoleOutput", "Report", "Done", "Fail", "Fault", "Event", "decode", "capture_regs",
     "EXCEPTION_NAMES",
+    "PORTS",
+    "PORT_CONSOLE",
+    "PORT_DONE",
+    "PORT_FAIL",
+    "PORT_FAULT",
+    "PORT_REPORT",
+    "ConsoleOutput",
+    "Done",
+    "Event",
+    "Fail",
+    "Fault",
+    "Report",
+    "capture_regs",
+    "decode",
 ]
 
 PORT_CONSOLE = 0xE9

@@ -13,8 +13,10 @@ import os
 
 KVM_FLAVOURS = ("kvm_amd", "kvm_intel", "kvm_pvm")
 
-# _IO(KVMIO=0xAE, 0x03): KVM_CHECK_EXTENSION on the system fd, argument is the capability number.
+# _IO(KVMIO=0xAE, 0x03): KVM_CHECK_EXTENSION, argument is the capability number.
 KVM_CHECK_EXTENSION = 0xAE03
+# _IO(KVMIO=0xAE, 0x01): KVM_CREATE_VM, argument is the machine type (0), returns a VM fd.
+KVM_CREATE_VM = 0xAE01
 
 
 def kvm_module(sys_module: str = "/sys/module", proc_modules: str = "/proc/modules") -> str | None:
@@ -56,25 +58,30 @@ def describe_host() -> str:
     return f"{module} ({where})"
 
 
-def probe_caps(caps: dict[str, int], path: str = "/dev/kvm") -> dict[str, int] | OSError:
-    """KVM_CHECK_EXTENSION for each named capability with plain fcntl, or the OSError of open().
+def probe_caps(caps: dict[str, int], path: str = "/dev/kvm", *, vm: bool = False
+               ) -> dict[str, int]:
+    """KVM_CHECK_EXTENSION for each named capability, with plain fcntl.
 
-    A fallback for when pyvmm's core cannot be imported; the runner uses the same ioctl inside
-    the nested VM.
+    ``vm=True`` asks a fresh VM fd instead of the system fd (some capabilities, such as
+    MULTI_ADDRESS_SPACE, answer differently there). Raises the OSError of open() or
+    KVM_CREATE_VM. Independent of pyvmm's core on purpose: deciding whether a test can run
+    must not depend on the code under test.
     """
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    vm_fd = -1
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return e
-    try:
+        if vm:
+            vm_fd = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
         out = {}
         for name, number in caps.items():
             try:
-                out[name] = fcntl.ioctl(fd, KVM_CHECK_EXTENSION, number)
+                out[name] = fcntl.ioctl(vm_fd if vm else fd, KVM_CHECK_EXTENSION, number)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 out[name] = 0
         return out
     finally:
+        if vm_fd >= 0:
+            os.close(vm_fd)
         os.close(fd)

@@ -218,6 +218,7 @@ class _Console:
         self.lines: list[str] = []
         self.command_lines: list[str] = []
         self.in_command = False
+        self.halted = False        # after /init's last marker only the kernel's goodbye follows
         self.events: list[tuple[float, list[str]]] = []
 
     def feed(self, text: str, now: float) -> None:
@@ -251,6 +252,7 @@ class _Console:
                 self.in_command = True
             elif words and words[0] in ("end", "halt"):
                 self.in_command = False
+                self.halted = self.halted or words[0] == "halt"
             return
         self._output(line, flushed, newline=True)
 
@@ -261,7 +263,7 @@ class _Console:
         self._write(line[flushed:] + ("\n" if newline else ""))
 
     def _write(self, s: str) -> None:
-        if self.stream is not None:
+        if self.stream is not None and not self.halted:
             self.stream.write(s)
             self.stream.flush()
 

@@ -1,0 +1,158 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Small shared helpers for the core tests: open /dev/kvm (skip or fail), assemble a few lines
+of 16-bit code with GNU as, and put a vCPU into real mode at a load address.
+
+Real mode keeps the guests tiny: CS base 0, IP = LOAD, flat 64 KiB addressable through segment
+registers that are all 0 unless a test says otherwise. Guest code at CPL0 is emulated one
+instruction at a time on kvm_pvm (HOST.md), so every guest here is a handful of instructions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pyvmm import Kvm, KvmError, KvmUnavailable, exits
+
+LOAD = 0x1000        # where guest code is placed and starts
+STACK = 0x7000       # initial SP
+MEM_SIZE = 0x10000   # default RAM: 0..64 KiB
+
+
+def require_kvm() -> bool:
+    return os.environ.get("PYVMM_REQUIRE_KVM", "") not in ("", "0")
+
+
+def open_kvm() -> Kvm:
+    """Kvm(), or skip the test when /dev/kvm cannot be used (fail with PYVMM_REQUIRE_KVM=1)."""
+    try:
+        return Kvm()
+    except (KvmUnavailable, KvmError) as err:
+        if require_kvm():
+            pytest.fail(f"PYVMM_REQUIRE_KVM=1 but /dev/kvm is unusable: {err}")
+        pytest.skip(f"/dev/kvm unusable: {err}")
+
+
+@pytest.fixture
+def kvm():
+    k = open_kvm()
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def vm(kvm):
+    v = kvm.create_vm()
+    yield v
+    v.close()
+
+
+# -- assembling guest code ---------------------------------------------------------------------
+
+class AsmUnavailable(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def asm(source: str, base: int = LOAD, bits: int = 16) -> bytes:
+    """Assemble GNU-as code (`.code16` or `.code32`) linked at `base` into a flat binary.
+
+    Labels are absolute addresses (CS base is 0), so `movw $handler, (13*4)` installs an IVT
+    entry. Raises AsmUnavailable (the caller skips) when binutils is missing."""
+    if shutil.which("as") is None or shutil.which("ld") is None:
+        raise AsmUnavailable("GNU as/ld are not installed (apt-get install binutils)")
+    text = f".code{bits}\n.text\n.globl _start\n_start:\n" + source + "\n"
+    with tempfile.TemporaryDirectory(prefix="pyvmm-asm-") as tmp:
+        src, obj, out = (Path(tmp) / n for n in ("g.S", "g.o", "g.bin"))
+        src.write_text(text)
+        for cmd in (["as", "--32", "-o", str(obj), str(src)],
+                    ["ld", "-m", "elf_i386", f"-Ttext={base:#x}", "--oformat", "binary",
+                     "-o", str(out), str(obj)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr}\n--- source ---\n{text}")
+        return out.read_bytes()
+
+
+def code(source: str, base: int = LOAD, bits: int = 16) -> bytes:
+    try:
+        return asm(source, base, bits)
+    except AsmUnavailable as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))
+
+
+# -- real-mode vCPUs ---------------------------------------------------------------------------
+
+def real_mode(vcpu, *, rip: int = LOAD, sp: int = STACK, **regs) -> None:
+    """All segments 0 (base 0, 64 KiB limit), IP = rip; extra registers by name."""
+    sregs = vcpu.get_sregs()
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.base = 0
+        seg.selector = 0
+    vcpu.set_sregs(sregs)
+    r = vcpu.get_regs()
+    r.rip = rip
+    r.rsp = sp
+    r.rflags = 0x2
+    for name, value in regs.items():
+        setattr(r, name, value)
+    vcpu.set_regs(r)
+
+
+def protected_mode(vcpu, *, rip: int = LOAD, sp: int = STACK, idt_limit: int = 0) -> None:
+    """Flat 32-bit protected mode from cached descriptors (no GDT in memory), no paging, and an
+    IDT of `idt_limit` bytes at 0 (0: every exception escalates to a triple fault)."""
+    sregs = vcpu.get_sregs()
+    for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
+        seg.base, seg.limit, seg.present, seg.dpl, seg.db, seg.s, seg.g = 0, 0xFFFFFFFF, 1, 0, 1, 1, 1
+        seg.selector, seg.type = 0x10, 3          # data, read/write, accessed
+    sregs.cs.selector, sregs.cs.type = 0x08, 11   # code, execute/read, accessed
+    sregs.idt.base, sregs.idt.limit = 0, idt_limit
+    sregs.cr0 |= 1
+    vcpu.set_sregs(sregs)
+    r = vcpu.get_regs()
+    r.rip, r.rsp, r.rflags = rip, sp, 0x2
+    vcpu.set_regs(r)
+
+
+def guest(vm, source: str, *, mem_size: int = MEM_SIZE, **regs):
+    """Add RAM at 0 (unless the VM already has some), load `source` at LOAD and return a vCPU
+    ready to run it in real mode."""
+    if vm.memory.find(0) is None:
+        vm.add_memory(0, mem_size)
+    vm.memory.write(LOAD, code(source))
+    vcpu = vm.create_vcpu()
+    real_mode(vcpu, **regs)
+    return vcpu
+
+
+def run_to(vcpu, kind, *, limit: int = 50, handler=None, timeout: float = 5.0):
+    """Run until an exit of type `kind`; other exits go to `handler(exit)` (or fail the test).
+    Returns (the exit of type kind, list of the other exits)."""
+    seen = []
+    for _ in range(limit):
+        ex = vcpu.run(timeout=timeout)
+        if isinstance(ex, kind):
+            return ex, seen
+        if isinstance(ex, exits.IntrExit) and ex.timed_out:
+            pytest.fail(f"guest did not reach {kind.__name__} within {timeout}s; saw {seen}")
+        if handler is None:
+            pytest.fail(f"unexpected exit {ex!r} before {kind.__name__}; earlier: {seen}")
+        handler(ex)
+        seen.append(ex)
+    pytest.fail(f"no {kind.__name__} within {limit} exits: {seen[-5:]}")
+
+
+def expect(vcpu, kind, timeout: float = 5.0):
+    """One run(); the exit must be of type `kind`."""
+    ex = vcpu.run(timeout=timeout)
+    assert isinstance(ex, kind), f"expected {kind.__name__}, got {ex!r}"
+    return ex
