@@ -7,8 +7,8 @@ stall other Python threads.
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from importlib import resources
 from pathlib import Path
 
 import cffi
@@ -18,12 +18,15 @@ HEADER_FILES = ("x86.h", "kvm.h", "constants.h", "libc.h")
 
 
 def _headers_dir() -> Path:
+    # Installed: kernel_headers/ is the data package pyvmm._kernel_headers (a namespace
+    # package, so ask the import system where it lives).
     try:
-        path = Path(str(resources.files("pyvmm._kernel_headers")))
-        if (path / "kvm.h").is_file():
-            return path
-    except (ModuleNotFoundError, TypeError):
-        pass
+        spec = importlib.util.find_spec("pyvmm._kernel_headers")
+    except ImportError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / "kvm.h").is_file():
+            return Path(location)
     # A source checkout that was not installed: kernel_headers/ sits beside pyvmm/.
     return Path(__file__).resolve().parent.parent / "kernel_headers"
 
