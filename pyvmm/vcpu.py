@@ -123,6 +123,7 @@ class Vcpu:
         self._timed_out = False
         self._closing = False
         self._stats = None
+        self.cpuid_set = False
 
     # -- basics --------------------------------------------------------------------------
 
@@ -262,6 +263,7 @@ class Vcpu:
 
     def set_cpuid(self, entries: Iterable[CpuidEntry]) -> None:
         self._ioctl(io.KVM_SET_CPUID2, cpuid_to_c(entries))
+        self.cpuid_set = True
 
     def get_cpuid(self) -> list[CpuidEntry]:
         nent = 256

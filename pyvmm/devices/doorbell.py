@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyvmm.devices")
 
 Callback = Callable[["Doorbell", int], None]
+#: Callback errors kept per doorbell and per worker (all are counted); a guest ringing a
+#: broken device a million times must not grow the host's memory.
+MAX_KEPT_ERRORS = 16
 
 
 class Doorbell:
@@ -33,7 +36,8 @@ class Doorbell:
                  worker: "DoorbellWorker | None" = None) -> None:
         self.vm = vm
         self.callback = callback
-        self.errors: list[BaseException] = []
+        self.errors: list[BaseException] = []   # the first MAX_KEPT_ERRORS callback errors
+        self.error_count = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._count = 0
@@ -74,7 +78,9 @@ class Doorbell:
             try:
                 callback(self, rings)
             except Exception as err:  # a device bug must not stop the doorbells
-                self.errors.append(err)
+                self.error_count += 1
+                if len(self.errors) < MAX_KEPT_ERRORS:
+                    self.errors.append(err)
                 if self.worker is not None:
                     self.worker._report(self, err)
                 else:
@@ -195,8 +201,10 @@ class DoorbellWorker:
                 self._epoll.unregister(fd)
 
     def _report(self, doorbell: Doorbell, err: BaseException) -> None:
-        self.errors.append((doorbell, err))
-        log.error("doorbell callback failed for %s: %r", doorbell.address, err)
+        if len(self.errors) < MAX_KEPT_ERRORS:
+            self.errors.append((doorbell, err))
+        if doorbell.error_count == 1:  # log once per doorbell; error_count has the rest
+            log.error("doorbell callback failed for %s: %r", doorbell.address, err)
         if self.on_error is not None:
             try:
                 self.on_error(doorbell, err)

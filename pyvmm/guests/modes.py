@@ -73,6 +73,9 @@ def _seg(seg: Any, *, selector: int, base: int = 0, limit: int = 0xFFFFFFFF, typ
 
 def _set_cpuid(vcpu: Any, cpuid: Iterable[Any] | None) -> None:
     if cpuid is None:
+        # KVM refuses a different CPUID once a vCPU has run; the one it has stays valid.
+        if getattr(vcpu, "cpuid_set", False):
+            return
         kvm = getattr(getattr(vcpu, "vm", None), "kvm", None)
         if kvm is None or not hasattr(kvm, "supported_cpuid"):
             return

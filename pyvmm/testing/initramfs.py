@@ -77,6 +77,7 @@ mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
 [ -d $R/run ] && mount -t tmpfs -o mode=0755 tmpfs $R/run
 [ -d $R/var/tmp ] && mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
+mkdir -p "$R$WORK" 2>/dev/null
 mount -t 9p -o "$P9,cache=mmap" pyvmmwork "$R$WORK" || die "cannot mount $WORK"
 mkdir -p "$R@GUEST_CTL@"
 mount -o bind /ctl "$R@GUEST_CTL@"

@@ -198,6 +198,7 @@ def pytest_configure(config) -> None:
         "runs in the nested runner")
     config.stash[_probe_key] = _CapProbe()
     config.stash[_results_key] = _Results()
+    config.pluginmanager.register(_Reporter(config), "pyvmm-reporter")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -229,49 +230,54 @@ def pytest_runtest_setup(item) -> None:
     if missing:
         item.user_properties.append((CAP_SKIP_PROPERTY, missing))
         where = hostinfo.kvm_module() or "this host's KVM"
-        pytest.skip(f"pyvmm: missing KVM capability {', '.join(missing)} on {where}")
-
-
-def pytest_runtest_logreport(report) -> None:
-    # the config is not passed to this hook; the plugin module keeps the active session's
-    if _active_results is not None:
-        _active_results.add(report)
-
-
-_active_results: _Results | None = None
-
-
-def pytest_sessionstart(session) -> None:
-    global _active_results
-    _active_results = session.config.stash[_results_key]
+        reason = f"pyvmm: missing KVM capability {', '.join(missing)} on {where}"
+        try:  # report the test's own location, as skip/skipif markers do
+            exc = pytest.skip.Exception(reason, _use_item_location=True)
+        except TypeError:
+            exc = pytest.skip.Exception(reason)
+        raise exc
 
 
 def _is_worker(config) -> bool:
     return hasattr(config, "workerinput")   # a pytest-xdist worker: the controller reports
 
 
-def pytest_sessionfinish(session) -> None:
-    global _active_results
-    config = session.config
-    results = config.stash[_results_key]
-    _active_results = None
-    if _is_worker(config):
-        return
-    kvm = hostinfo.describe_host()
-    path = os.environ.get(CAP_SKIPS_ENV)
-    if path:
-        _write_json(path, {"format": CAP_SKIPS_FORMAT, "kvm": kvm,
-                           "skipped": dict(sorted(results.cap_skips.items()))})
-    path = os.environ.get(PASSED_ENV)
-    if path:
-        by = collections.defaultdict(list)
-        for nodeid, outcome in results.outcome.items():
-            by[outcome].append(nodeid)
-        _write_json(path, {
-            "format": OUTCOMES_FORMAT, "kvm": kvm,
-            "passed": sorted(by["passed"]), "failed": sorted(by["failed"]),
-            "skipped": {n: results.skip_reason.get(n, "") for n in sorted(by["skipped"])},
-            "cap_skips": dict(sorted(results.cap_skips.items()))})
+class _Reporter:
+    """Registered per session: collects outcomes, writes the JSON files and the summary line."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.results = config.stash[_results_key]
+
+    def pytest_runtest_logreport(self, report) -> None:
+        self.results.add(report)
+
+    def pytest_sessionfinish(self, session) -> None:
+        if _is_worker(self.config):
+            return
+        results = self.results
+        kvm = hostinfo.describe_host()
+        path = os.environ.get(CAP_SKIPS_ENV)
+        if path:
+            _write_json(path, {"format": CAP_SKIPS_FORMAT, "kvm": kvm,
+                               "skipped": dict(sorted(results.cap_skips.items()))})
+        path = os.environ.get(PASSED_ENV)
+        if path:
+            by = collections.defaultdict(list)
+            for nodeid, outcome in results.outcome.items():
+                by[outcome].append(nodeid)
+            _write_json(path, {
+                "format": OUTCOMES_FORMAT, "kvm": kvm,
+                "passed": sorted(by["passed"]), "failed": sorted(by["failed"]),
+                "skipped": {n: results.skip_reason.get(n, "") for n in sorted(by["skipped"])},
+                "cap_skips": dict(sorted(results.cap_skips.items()))})
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if _is_worker(self.config):
+            return
+        terminalreporter.write_line(
+            f"pyvmm: tests ran on {hostinfo.describe_host()}; "
+            f"{cap_skip_summary(self.results.cap_skips)}")
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -290,12 +296,3 @@ def cap_skip_summary(cap_skips: dict[str, list[str]]) -> str:
     detail = ", ".join(f"{name} {n}" for name, n in counts.most_common())
     s = "" if len(cap_skips) == 1 else "s"
     return f"{len(cap_skips)} test{s} skipped for a missing KVM capability: {detail}"
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if _is_worker(config):
-        return
-    results = config.stash[_results_key]
-    terminalreporter.write_line(
-        f"pyvmm: tests ran on {hostinfo.describe_host()}; "
-        f"{cap_skip_summary(results.cap_skips)}")

@@ -1,0 +1,143 @@
+"""The `pyvmm` command: info, run, demo, nested."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .caps import Cap
+
+# Capabilities that matter to pyvmm, and what depends on each.
+IMPORTANT_CAPS = [
+    (Cap.USER_MEMORY, "memslots from anonymous host memory (every VM)"),
+    (Cap.IOEVENTFD, "ioeventfd doorbells: guest writes signal an eventfd without a userspace exit"),
+    (Cap.IOEVENTFD_ANY_LENGTH, "wildcard-length (length 0) doorbells"),
+    (Cap.IRQFD, "irqfd interrupts: devices raise guest interrupts through an eventfd"),
+    (Cap.IRQCHIP, "the in-kernel PIC/IOAPIC/LAPIC that irqfd and `sti; hlt` guests need"),
+    (Cap.READONLY_MEM, "read-only memslots (writes become MMIO exits)"),
+    (Cap.IMMEDIATE_EXIT, "kick without a lost wake-up (immediate_exit + signal)"),
+    (Cap.BINARY_STATS_FD, "vcpu.stats(): the exit counters"),
+    (Cap.X86_USER_SPACE_MSR, "RDMSR/WRMSR exits to userspace (MsrExit)"),
+    (Cap.X86_MSR_FILTER, "MSR filters that choose which MSRs exit"),
+    (Cap.X86_SMM, "System Management Mode: vcpu.smi(), SMRAM, RSM"),
+    (Cap.MULTI_ADDRESS_SPACE, "address space 1, where SMRAM lives (needs 2)"),
+    (Cap.EXIT_HYPERCALL, "hypercalls forwarded to userspace (KVM_HC_MAP_GPA_RANGE, PV-DMA)"),
+    (Cap.COALESCED_MMIO, "coalesced MMIO/PIO rings"),
+    (Cap.SYNC_REGS, "registers synced through kvm_run"),
+    (Cap.DIRTY_LOG_RING, "dirty page rings"),
+    (Cap.MANUAL_DIRTY_LOG_PROTECT2, "manual dirty log clearing"),
+    (Cap.SPLIT_IRQCHIP, "userspace IOAPIC with in-kernel LAPICs"),
+    (Cap.NR_VCPUS, "recommended vCPUs per VM"),
+    (Cap.MAX_VCPUS, "maximum vCPUs per VM"),
+    (Cap.NR_MEMSLOTS, "memslots per VM"),
+]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .kvm import Kvm
+    from .testing.hostinfo import describe_host
+
+    with Kvm(args.device) as kvm, kvm.create_vm() as vm:
+        print(f"KVM at {args.device}: {describe_host()}")
+        print(f"  API version        {kvm.api_version}")
+        print(f"  vCPU mmap size     {kvm.vcpu_mmap_size} bytes")
+        print(f"  CPUID leaves       {len(kvm.supported_cpuid())} supported")
+        print("\nCapabilities (VM fd; value, then what it gives pyvmm):")
+        missing = []
+        for cap, why in IMPORTANT_CAPS:
+            value = vm.check_extension(cap)
+            shown = "yes" if value == 1 else ("no" if value == 0 else f"yes ({value})")
+            print(f"  {cap.name:<26} {shown:<12} {why}")
+            if value == 0:
+                missing.append(cap)
+        if Cap.X86_SMM in missing or Cap.EXIT_HYPERCALL in missing:
+            print("\nMissing here, and why it matters:")
+            if Cap.X86_SMM in missing:
+                print("  - No SMM: SMI injection, SMRAM (address space 1) and RSM cannot be "
+                      "tested on this host. `pyvmm nested` runs them on a stock kvm_amd "
+                      "under QEMU.")
+            if Cap.EXIT_HYPERCALL in missing:
+                print("  - No hypercall exits: the hypercall doorbell path and PV-DMA over "
+                      "hypercalls need stock KVM (`pyvmm nested`); PV-DMA falls back to PIO.")
+        from .testing.hostinfo import kvm_module
+
+        if kvm_module() == "kvm_pvm":
+            print("\nNote: kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never forwards a "
+                  "hypercall (VMCALL at CPL0 hangs KVM_RUN); guest CPL0 code is emulated, "
+                  "CPL3 code runs natively (shared/HOST.md).")
+    return 0
+
+
+def _parse_regs(pairs: list[str]) -> dict[str, int]:
+    regs = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not value:
+            raise SystemExit(f"--reg wants NAME=VALUE, got {pair!r}")
+        regs[name.strip().lower()] = int(value, 0)
+    return regs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .machine import Machine
+
+    with Machine(irqchip=args.irqchip) as machine:
+        machine.console_sink = lambda data: (sys.stdout.write(data.decode("utf-8", "replace")),
+                                             sys.stdout.flush())
+        payload = machine.load(args.payload, regs=_parse_regs(args.reg))
+        result = machine.run(timeout=args.timeout)
+        print(f"\n--- {payload.name} ({payload.mode}, entry {payload.entry:#x})")
+        for report in result.reports:
+            print(f"  {report}")
+        print(result.summary())
+        return 0 if result.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    return main(args.rings)
+
+
+def cmd_nested(args: argparse.Namespace) -> int:
+    from .testing import nested
+
+    return nested.main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="Drive KVM from Python.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="what this host's KVM can do, and why it matters")
+    p.add_argument("--device", default="/dev/kvm")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="run a guest payload; print its console and exits")
+    p.add_argument("payload", help="a payload name (guests/NAME.S) or a path to a .S file")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a register before the first instruction (e.g. rcx=1000)")
+    p.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the doorbell harness: userspace exits vs ioeventfd")
+    p.add_argument("--rings", type=int, default=20000)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_nested)
+
+    args = parser.parse_args(argv)
+    from .errors import KvmUnavailable
+
+    try:
+        return args.func(args)
+    except KvmUnavailable as err:
+        print(f"pyvmm: {err.strerror}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Machine: loading payloads, run results, stop reasons, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+
+from pyvmm import Machine
+
+
+def test_result_carries_console_reports_and_exit_counts(kvm):
+    with Machine(kvm=kvm) as m:
+        m.load("modes")
+        result = m.run(timeout=10)
+        assert result.ok, result
+        assert result.values[:2] == [5050, 479001600]
+        assert result.reports[2].value64 == 2432902008176640000
+        assert result.exits["IoExit"] == sum(result.exits.values())
+        assert "real16" in result.console
+
+
+def test_timeout_stops_a_spinning_guest(kvm, tmp_path):
+    src = tmp_path / "spin.S"
+    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
+                   ".code64\n.globl start\nstart: jmp start\n")
+    with Machine(kvm=kvm) as m:
+        m.load(str(src))
+        started = time.monotonic()
+        result = m.run(timeout=0.3)
+        assert result.stop == "timeout"
+        assert time.monotonic() - started < 5
+
+
+def test_stop_from_another_thread(kvm, tmp_path):
+    src = tmp_path / "spin.S"
+    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
+                   ".code64\n.globl start\nstart: jmp start\n")
+    with Machine(kvm=kvm) as m:
+        m.load(str(src))
+        threading.Timer(0.2, m.stop).start()
+        assert m.run(timeout=30).stop == "stopped"
+
+
+def test_unhandled_exit_stops_with_the_exit_and_handlers_serve_it(kvm, tmp_path):
+    src = tmp_path / "mmio.S"
+    src.write_text("""# pyvmm: mode=long64 load=0x1000 entry=start
+.include "pyvmm.inc"
+    .code64
+    .globl start
+start:
+    movl $0xd0000000, %edi
+    movl (%rdi), %eax
+    REPORT_RAX
+    DONE
+""")
+    with Machine(kvm=kvm) as m:
+        m.load(str(src))
+        m.mmio.register(0xD0000000, 4, _Const(0x12345678))
+        result = m.run(timeout=10)
+        assert result.ok and result.values == [0x12345678]
+    with Machine(kvm=kvm) as m:
+        m.load(str(src))
+        # No device: the unclaimed policy answers all ones.
+        result = m.run(timeout=10)
+        assert result.ok and result.values == [0xFFFFFFFF]
+        assert m.mmio.unclaimed_reads == 1
+
+
+class _Const:
+    def __init__(self, value):
+        self.value = value
+
+    def read(self, offset, size):
+        return self.value.to_bytes(4, "little")[:size]
+
+    def write(self, offset, data):
+        pass
+
+
+def test_device_exception_ends_the_run_with_the_error(kvm):
+    class Broken:
+        def read(self, offset, size):
+            raise ZeroDivisionError("model bug")
+
+        def write(self, offset, data):
+            raise ZeroDivisionError("model bug")
+
+    with Machine(kvm=kvm) as m:
+        payload = m.load("pio")
+        m.pio.register(payload.symbol("PIO_PORT"), 4, Broken())
+        result = m.run(timeout=10)
+        assert result.stop == "error"
+        assert isinstance(result.error, ZeroDivisionError)
+        assert result.vcpu == 0
+
+
+def test_close_releases_fds_and_threads(kvm):
+    from pyvmm import IoEventAddress
+
+    proc = psutil.Process()
+    fds = threads = None
+    for i in range(6):
+        if i == 1:  # after a warm-up cycle has started pyvmm's one-off helper threads
+            fds, threads = proc.num_fds(), threading.active_count()
+        with Machine(kvm=kvm, irqchip=True) as m:
+            m.doorbell(IoEventAddress.pio(0x510), length=1)
+            m.interrupt(5)
+            m.load("hello")
+            assert m.run(timeout=10).ok
+    assert proc.num_fds() == fds
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= threads
+    assert os.path.exists("/dev/kvm")
