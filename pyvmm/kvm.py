@@ -72,7 +72,13 @@ class Kvm:
             self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as err:
             raise _unavailable(path, err) from None
-        self.api_version = io.ioctl(self._fd, io.KVM_GET_API_VERSION, role=self.role)
+        try:
+            self.api_version = io.ioctl(self._fd, io.KVM_GET_API_VERSION, role=self.role)
+        except KvmError as err:
+            os.close(self._fd)
+            self._fd = -1
+            raise KvmUnavailable(err.errno, f"{path} is not a KVM device: KVM_GET_API_VERSION "
+                                 f"failed with {os.strerror(err.errno)}") from None
         if self.api_version != API_VERSION:
             os.close(self._fd)
             self._fd = -1

@@ -203,6 +203,8 @@ class Machine:
             if timer is not None:
                 timer.cancel()
         result.duration = time.perf_counter() - start
+        for bell in self.doorbells:  # account for rings the worker has not picked up yet
+            bell._drain()
         self._merge(result, outcomes)
         result.console = self.console
         if self._worker is not None and self._worker.errors and result.error is None:

@@ -92,11 +92,20 @@ class _Watchdog:
                     continue
                 heapq.heappop(self._heap)
                 del self._armed[token]
-                vcpu._timed_out = True
-                vcpu.kick()
+                self._cond.release()  # never hold the watchdog's lock while taking a vCPU's
+                try:
+                    vcpu._timeout_kick(token)
+                finally:
+                    self._cond.acquire()
 
 
 _watchdog = _Watchdog()
+
+
+def _eat_kicks() -> None:
+    """Consume kick signals pending on this thread (where the signal is blocked)."""
+    while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
+        pass
 
 
 def _sigset_bytes(signals: Iterable[int]) -> bytes:
@@ -120,7 +129,11 @@ class Vcpu:
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
         self._sigmask_thread: int | None = None
-        self._timed_out = False
+        # Kick bookkeeping, all under _lock: the run()'s watchdog token, whether its timeout
+        # fired, and whether a kick() from the application is outstanding.
+        self._run_token: int | None = None
+        self._timeout_fired = False
+        self._kick_pending = False
         self._closing = False
         self._stats = None
         self.cpuid_set = False
@@ -147,7 +160,9 @@ class Vcpu:
     # -- running -------------------------------------------------------------------------
 
     def _prepare_thread(self, ident: int) -> None:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        # Called once this thread owns the vCPU (another thread's KVM_RUN would block the
+        # ioctl) and after the kick signal is already blocked here.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
         inside = set(old) - {KICK_SIGNAL}
         req = ffi.new("struct kvm_signal_mask *", {"len": 8, "sigset": 8})
         ffi.memmove(req.sigset, _sigset_bytes(inside), 8)
@@ -159,25 +174,36 @@ class Vcpu:
         running then is kicked and `IntrExit(timed_out=True)` comes back."""
         ident = threading.get_ident()
         if self._sigmask_thread != ident:
-            self._prepare_thread(ident)
+            # Blocked before this thread can be named as the target of a kick.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
+        token = _watchdog.arm(self, timeout) if timeout is not None else None
         with self._lock:
             if self._fd < 0 or self._closing:
+                if token is not None:
+                    _watchdog.disarm(token)
                 raise ClosedError(f"vCPU {self.id} is closed")
             if self._thread is not None:
+                if token is not None:
+                    _watchdog.disarm(token)
                 raise RuntimeError(f"vCPU {self.id} is already running in another thread")
             self._thread = ident
-        token = _watchdog.arm(self, timeout) if timeout is not None else None
+            self._run_token = token
         run = self._run
+        interrupted = False
         try:
+            if self._sigmask_thread != ident:
+                self._prepare_thread(ident)
             while True:
                 if libc.ioctl(self._fd, io.KVM_RUN, _ZERO) >= 0:
                     return decode(run, self._page)
                 err = ffi.errno
                 if err == _EINTR:
-                    run.immediate_exit = 0
-                    while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
-                        pass
-                    timed_out, self._timed_out = self._timed_out, False
+                    interrupted = True
+                    with self._lock:
+                        run.immediate_exit = 0
+                        _eat_kicks()
+                        timed_out = self._timeout_fired
+                        self._timeout_fired = self._kick_pending = False
                     return IntrExit(timed_out)
                 if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
                     raise KvmError(err, "KVM_RUN", self.role, f"vCPU {self.id}")
@@ -186,12 +212,29 @@ class Vcpu:
                 _watchdog.disarm(token)
             with self._lock:
                 self._thread = None
+                self._run_token = None
+                if self._timeout_fired and not interrupted:
+                    # The timeout fired as the guest exited on its own: withdraw that kick so
+                    # it cannot end the next run(), unless the application kicked too.
+                    self._timeout_fired = False
+                    if not self._kick_pending:
+                        run.immediate_exit = 0
+                        _eat_kicks()
+
+    def _timeout_kick(self, token: int) -> None:
+        with self._lock:
+            if self._run_token != token or self._thread is None:
+                return  # that run() is over
+            self._timeout_fired = True
+            self._run.immediate_exit = 1
+            signal.pthread_kill(self._thread, KICK_SIGNAL)
 
     def kick(self) -> None:
         """Make a run() in progress, or the next one, return IntrExit promptly."""
         with self._lock:
             if self._fd < 0:
                 return
+            self._kick_pending = True
             self._run.immediate_exit = 1
             if self._thread is not None:
                 signal.pthread_kill(self._thread, KICK_SIGNAL)

@@ -46,6 +46,7 @@ class Vm:
         self._lock = threading.RLock()
         self.memory = GuestMemory()
         self.vcpus: dict[int, "Vcpu"] = {}
+        self._vcpu_ids: set[int] = set()  # KVM frees a vCPU id only with the VM
         self._ioevents: set[tuple] = set()
         self._irqfds: set[tuple[int, int]] = set()
         self._slots_used: dict[int, set[int]] = {}
@@ -166,12 +167,17 @@ class Vm:
 
         with self._lock:
             if vcpu_id is None:
-                vcpu_id = next(i for i in range(len(self.vcpus) + 1) if i not in self.vcpus)
+                vcpu_id = next(i for i in range(len(self._vcpu_ids) + 1)
+                               if i not in self._vcpu_ids)
             if not 0 <= vcpu_id < MAX_VCPU_ID:
                 raise ValueError(f"vCPU id {vcpu_id} is outside 0..{MAX_VCPU_ID - 1}")
             if vcpu_id in self.vcpus:
                 raise ValueError(f"vCPU {vcpu_id} already exists in this VM")
+            if vcpu_id in self._vcpu_ids:
+                raise ValueError(f"vCPU id {vcpu_id} was used by a closed vCPU; KVM frees "
+                                 "vCPU ids only with the VM")
             fd = self._ioctl(io.KVM_CREATE_VCPU, vcpu_id, detail=f"vCPU id {vcpu_id}")
+            self._vcpu_ids.add(vcpu_id)
             try:
                 vcpu = Vcpu(self, fd, vcpu_id, self.kvm.vcpu_mmap_size)
             except BaseException:

@@ -39,15 +39,18 @@ def open_kvm() -> Kvm:
         pytest.skip(f"/dev/kvm unusable: {err}")
 
 
-@pytest.fixture
-def kvm():
+# The same fixtures as pyvmm.testing.plugin's `kvm` and `vm`, so that these tests also run
+# where the plugin is not installed. Test modules import them under those names:
+#     from helpers import kvm_fixture, vm_fixture
+@pytest.fixture(name="kvm")
+def kvm_fixture():
     k = open_kvm()
     yield k
     k.close()
 
 
-@pytest.fixture
-def vm(kvm):
+@pytest.fixture(name="vm")
+def vm_fixture(kvm):
     v = kvm.create_vm()
     yield v
     v.close()
@@ -59,7 +62,7 @@ class AsmUnavailable(RuntimeError):
     pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def asm(source: str, base: int = LOAD, bits: int = 16) -> bytes:
     """Assemble GNU-as code (`.code16` or `.code32`) linked at `base` into a flat binary.
 
@@ -74,7 +77,7 @@ def asm(source: str, base: int = LOAD, bits: int = 16) -> bytes:
         for cmd in (["as", "--32", "-o", str(obj), str(src)],
                     ["ld", "-m", "elf_i386", f"-Ttext={base:#x}", "--oformat", "binary",
                      "-o", str(out), str(obj)]):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
                 raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr}\n--- source ---\n{text}")
         return out.read_bytes()

@@ -7,8 +7,8 @@ The guest runs in real mode at CPL0, where every access is emulated, so the log 
 from __future__ import annotations
 
 import pytest
+from helpers import expect, guest, kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
 
-from helpers import expect, guest, kvm, vm  # noqa: F401  (fixtures)
 from pyvmm import exits
 
 BASE = 0x20000          # the logged region: 8 pages, reached through ES = 0x2000

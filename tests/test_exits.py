@@ -4,9 +4,8 @@ read-only memslot. Every test checks what the guest computed or stored, not only
 
 from __future__ import annotations
 
-import pytest
+from helpers import LOAD, code, expect, guest, kvm_fixture, protected_mode, run_to, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
 
-from helpers import LOAD, code, expect, guest, kvm, protected_mode, run_to, vm  # noqa: F401
 from pyvmm import exits
 from pyvmm.exits import ExitReason
 
@@ -195,3 +194,14 @@ def test_exit_reasons_enum():
     assert exits.IntrExit(True).exit_reason == ExitReason.INTR == 10
     assert repr(exits.IntrExit(True)) == "IntrExit(timed_out=True)"
     assert exits.UnknownExit(1234).exit_reason == 1234
+
+
+def test_exit_data_outlives_the_vcpu(kvm):
+    """An exit's data view keeps the kvm_run mapping alive: reading it after the VM (and its
+    vCPU) closed returns the bytes instead of touching unmapped memory."""
+    vm = kvm.create_vm()
+    vcpu = guest(vm, "mov $0x77, %al\nout %al, $0x10\nhlt")
+    ex = expect(vcpu, exits.IoExit)
+    vm.close()
+    assert vcpu.closed
+    assert bytes(ex.data) == b"\x77"

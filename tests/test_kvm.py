@@ -8,8 +8,8 @@ import os
 import pickle
 
 import pytest
+from helpers import kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
 
-from helpers import kvm, vm  # noqa: F401  (fixtures)
 from pyvmm import Cap, ClosedError, CpuidEntry, IoEventAddress, Kvm, KvmError, KvmUnavailable
 from pyvmm import ioctls as io
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -104,13 +105,15 @@ def test_close_releases_fds_and_threads(kvm):
     fds = threads = None
     for i in range(6):
         if i == 1:  # after a warm-up cycle has started pyvmm's one-off helper threads
+            gc.collect()
             fds, threads = proc.num_fds(), threading.active_count()
         with Machine(kvm=kvm, irqchip=True) as m:
             m.doorbell(IoEventAddress.pio(0x510), length=1)
             m.interrupt(5)
             m.load("hello")
             assert m.run(timeout=10).ok
-    assert proc.num_fds() == fds
+    gc.collect()
+    assert proc.num_fds() <= fds
     deadline = time.monotonic() + 5
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.01)

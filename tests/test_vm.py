@@ -7,8 +7,8 @@ from __future__ import annotations
 import errno
 
 import pytest
+from helpers import LOAD, expect, guest, kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
 
-from helpers import LOAD, expect, guest, kvm, vm  # noqa: F401  (fixtures)
 from pyvmm import ClosedError, KvmError, exits
 from pyvmm import ioctls as io
 
@@ -192,6 +192,8 @@ def test_vcpu_id_of_a_closed_vcpu_is_not_reused(vm):
     vcpu = vm.create_vcpu()          # must not pick id 1 again
     assert vcpu.id == 2
     assert vcpu.get_regs().rflags & 2
+    with pytest.raises((ValueError, KvmError)):
+        vm.create_vcpu(1)
 
 
 def test_close_releases_everything(kvm):

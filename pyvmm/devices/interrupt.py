@@ -30,9 +30,9 @@ class Interrupt:
         return self._fd
 
     def trigger(self) -> None:
-        os.eventfd_write(self._fd, 1)
-        with self._lock:
+        with self._lock:  # counted first, so count never lags what the guest has seen
             self.count += 1
+        os.eventfd_write(self._fd, 1)
 
     def close(self) -> None:
         if self._fd < 0:

@@ -6,7 +6,7 @@ Nothing here imports pyvmm's core at import time, so the plugin loads even where
 the core package is unavailable.
 """
 
-__all__ = ["run_nested", "NestedResult"]
+__all__ = ["NestedResult", "run_nested"]
 
 
 def __getattr__(name):

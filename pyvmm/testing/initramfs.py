@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .kernel import Kernel
 
-FORMAT_VERSION = "3"
+FORMAT_VERSION = "4"
 
 # Lines /init prints on the console that the runner parses. The runner removes them from the
 # command's output.
@@ -74,9 +74,13 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
-mount -t tmpfs -o mode=1777 tmpfs $R/tmp
-[ -d $R/run ] && mount -t tmpfs -o mode=0755 tmpfs $R/run
-[ -d $R/var/tmp ] && mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
+if [ "$OVERLAY" != 1 ]; then
+    # a read-only root needs somewhere to write; the overlay is writable everywhere and keeps
+    # the host's /tmp visible (virtualenvs and projects may live there)
+    mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+    [ -d $R/run ] && mount -t tmpfs -o mode=0755 tmpfs $R/run
+    [ -d $R/var/tmp ] && mount -t tmpfs -o mode=1777 tmpfs $R/var/tmp
+fi
 mkdir -p "$R$WORK" 2>/dev/null
 mount -t 9p -o "$P9,cache=mmap" pyvmmwork "$R$WORK" || die "cannot mount $WORK"
 mkdir -p "$R@GUEST_CTL@"

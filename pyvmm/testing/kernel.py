@@ -411,7 +411,14 @@ def _decompress(payload: bytes) -> bytes:
 
 def has_pvh_note(elf: bytes) -> bool:
     """True if the ELF has a Xen note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU boots it via PVH."""
-    if elf[4] != 2:
+    try:
+        return _find_pvh_note(elf)
+    except struct.error:  # truncated
+        return False
+
+
+def _find_pvh_note(elf: bytes) -> bool:
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
         return False
     phoff, = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)

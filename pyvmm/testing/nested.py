@@ -180,14 +180,20 @@ def qemu_command(*, qemu: str, kernel: str, initrd: str, bios: str | None, work:
     return cmd
 
 
-def _die_with_parent() -> None:
-    """In QEMU's child process: get SIGKILL if the runner dies, so QEMU is never orphaned."""
+def _pdeathsig_setter():
+    """A function for QEMU's child process to ask for SIGKILL when the runner dies, so QEMU is
+    never orphaned (PR_SET_PDEATHSIG). libc is loaded here, in the parent, so the child only
+    makes one call between fork and exec."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_pdeathsig() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return set_pdeathsig
 
 
 @dataclass
@@ -343,7 +349,8 @@ def _boot(qcmd: list[str], *, timeout: float, stream: TextIO | None) -> NestedRe
     deadline = t0 + timeout
     timed_out = False
     proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=_pdeathsig_setter())  # noqa: PLW1509
     try:
         fd = proc.stdout.fileno()
         decoder = _decoder()
