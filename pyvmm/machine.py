@@ -154,9 +154,11 @@ class Machine:
     def doorbell(self, address: IoEventAddress, *, length: int = 0,
                  datamatch: int | None = None,
                  callback: Callable[[Doorbell, int], None] | None = None) -> Doorbell:
-        """An ioeventfd doorbell served by this machine's epoll worker."""
+        """An ioeventfd doorbell. One with a callback is served by this machine's epoll
+        worker; one without only counts (the eventfd accumulates rings in the kernel and
+        `count`/`wait()` read them), which keeps a thread from waking on every ring."""
         bell = Doorbell(self.vm, address, length=length, datamatch=datamatch,
-                        callback=callback, worker=self.worker)
+                        callback=callback, worker=self.worker if callback else None)
         self.doorbells.append(bell)
         return bell
 

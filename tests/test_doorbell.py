@@ -179,7 +179,9 @@ def test_callback_errors_do_not_stop_the_worker(kvm):
 
     with Machine(kvm=kvm, serial=False) as m:
         bell = m.doorbell(address("pio"), length=1, callback=flaky)
-        good = m.doorbell(IoEventAddress.pio(0x600), length=1)
+        got = []
+        good = m.doorbell(IoEventAddress.pio(0x600), length=1,
+                          callback=lambda bell, n: got.append(n))
         m.load("doorbell", regs=ring_regs("pio", 1, 500))
         result = m.run(timeout=30)
         assert result.ok, result
@@ -192,6 +194,7 @@ def test_callback_errors_do_not_stop_the_worker(kvm):
         m.load("doorbell", regs={**ring_regs("pio", 1, 7), "r8": 0x600})
         assert m.run(timeout=30).ok
         assert good.wait(7, timeout=5) and good.count == 7
+        assert sum(got) == 7
 
 
 def test_wait_blocks_until_the_count(kvm):

@@ -8,7 +8,7 @@ import os
 import pickle
 
 import pytest
-from helpers import kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import kvm_fixture, open_kvm, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
 
 from pyvmm import Cap, ClosedError, CpuidEntry, IoEventAddress, Kvm, KvmError, KvmUnavailable
 from pyvmm import ioctls as io
@@ -75,13 +75,33 @@ def test_missing_device_says_how_to_fix():
 
 
 def test_unreadable_device_mentions_kvm_group(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("root can open anything")
+    """A device this user may not open: the message names the kvm group. As root (CI), the
+    check runs in a forked child that has dropped to an unprivileged user first."""
     path = tmp_path / "kvm"
     path.write_bytes(b"")
     path.chmod(0)
-    with pytest.raises(KvmUnavailable, match="kvm` group"):
-        Kvm(str(path))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery, just the check, reported through the pipe
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                Kvm(str(path))
+                answer = "opened"
+            except KvmUnavailable as err:
+                answer = f"{err.errno} {err.strerror}"
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        answer = pipe.read()
+    os.waitpid(pid, 0)
+    assert answer.startswith(f"{errno.EACCES} "), answer
+    assert "kvm` group" in answer
 
 
 def test_not_a_kvm_device_is_a_clear_error_and_leaks_no_fd():
@@ -104,7 +124,7 @@ def test_not_a_kvm_device_is_a_clear_error_and_leaks_no_fd():
 
 
 def test_close_and_context_manager():
-    with Kvm() if os.path.exists("/dev/kvm") else pytest.skip("no /dev/kvm") as k:
+    with open_kvm() as k:
         fd = k.fileno()
         assert os.fstat(fd)
     assert k.closed

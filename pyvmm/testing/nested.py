@@ -20,6 +20,7 @@ timeout, 125 when the VM failed before the command finished.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import select
@@ -208,9 +209,12 @@ class Prepared:
 def prepare(cache: Path | None = None) -> Prepared:
     """Find or install everything a boot needs; cheap once cached."""
     cache = cache or _kernel.cache_dir()
-    tools = _kernel.ensure_host_tools()
-    kern = _kernel.ensure_kernel(cache)
-    initrd = _initramfs.build_initramfs(kern, tools["busybox"], cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent runners: one downloads, the others wait
+        tools = _kernel.ensure_host_tools()
+        kern = _kernel.ensure_kernel(cache)
+        initrd = _initramfs.build_initramfs(kern, tools["busybox"], cache)
     if kern.vmlinux is not None and tools["qboot"]:
         return Prepared(tools["qemu"], str(kern.vmlinux), str(initrd), tools["qboot"],
                         kern.release)
@@ -282,16 +286,21 @@ class _Console:
 
 def run_nested(command: list[str] | None = None, *, cwd: str | os.PathLike | None = None,
                timeout: float = DEFAULT_TIMEOUT, smp: int = DEFAULT_SMP,
-               memory_mb: int = DEFAULT_MEMORY_MB, stream: TextIO | None = sys.stdout,
+               memory_mb: int = DEFAULT_MEMORY_MB, stream: TextIO | None | str = "stdout",
                env: dict[str, str] | None = None, overlay: bool = True, probe: bool = True,
                python: str | None = None, accel: str = "tcg", cpu: str = "max",
                cache: Path | None = None) -> NestedResult:
     """Boot the nested VM, run ``command`` in ``cwd`` there, and return what happened.
 
-    ``stream`` gets the console live (None: quiet). ``env`` adds variables to the guest
-    environment. ``overlay`` puts a tmpfs overlay over the read-only host root, so writes
-    outside the checkout (caches in $HOME) succeed and are discarded at the end.
+    ``stream`` gets the console live (default sys.stdout; None: quiet). ``env`` adds variables
+    to the guest environment. ``overlay`` puts a tmpfs overlay over the read-only host root, so
+    writes outside the checkout (caches in $HOME, /tmp) succeed and are discarded at the end.
+
+    $PYVMM_PASSED (inherited or in ``env``) is written back to the host path after the run; an
+    inherited $PYVMM_CAP_SKIPS is dropped, so the local run's file is not overwritten.
     """
+    if stream == "stdout":  # resolved now, not at import (pytest swaps sys.stdout)
+        stream = sys.stdout
     command = list(command or DEFAULT_COMMAND)
     python = python or sys.executable
     cwd = Path(cwd or os.getcwd()).resolve()
@@ -309,6 +318,8 @@ def run_nested(command: list[str] | None = None, *, cwd: str | os.PathLike | Non
     if tty and "COLUMNS" not in extra:
         extra["COLUMNS"] = str(shutil.get_terminal_size().columns)
     genv = guest_env(dict(os.environ), python=python, extra=extra, tty=tty)
+    if "PYVMM_CAP_SKIPS" not in extra:
+        genv.pop("PYVMM_CAP_SKIPS", None)
     outputs = {}
     for var in OUTPUT_ENV:
         if genv.get(var):
