@@ -38,7 +38,7 @@ ffi = cffi.FFI()
 ffi.cdef("\n".join(HEADER_TEXT[name] for name in HEADER_FILES))
 libc = ffi.dlopen(None)
 
-_DEFINE = re.compile(r"^#define\s+(\w+)\s+(\d+)\s*$", re.M)
+_DEFINE = re.compile(r"^#define\s+(\w+)\s+(\d+)\s*$", re.MULTILINE)
 
 
 def constants(prefix: str) -> dict[str, int]:

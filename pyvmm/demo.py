@@ -55,12 +55,12 @@ def ring(path: str, mode: str, rings: int, *, kvm: Kvm | None = None,
                 m.mmio.register(DOORBELL_MMIO, 8, device)
             else:
                 m.pio.register(DOORBELL_PORT, 4, device)
-            count = lambda: device.count  # noqa: E731
+            count = lambda: device.count
         else:
             address = (IoEventAddress.mmio(DOORBELL_MMIO) if mmio
                        else IoEventAddress.pio(DOORBELL_PORT))
             bell = m.doorbell(address, length=width)
-            count = lambda: bell.count  # noqa: E731
+            count = lambda: bell.count
         m.load(payload, regs={"rcx": rings, "rdi": 1 if mmio else 0, "r10": width,
                               "rsi": 1, "r8": DOORBELL_PORT, "r9": DOORBELL_MMIO})
         before = m.vcpus[0].stats()["exits"]

@@ -10,8 +10,9 @@ next `run()`.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any
 
 from ._ffi import constants, ffi
 
@@ -59,7 +60,7 @@ class IoExit(Exit):
     """Port I/O. `data` holds `size * count` bytes: what was written (OUT, OUTS) or the buffer
     to fill (IN, INS)."""
 
-    __slots__ = ("port", "size", "count", "is_write", "data")
+    __slots__ = ("count", "data", "is_write", "port", "size")
     exit_reason = _R.IO
 
     def __init__(self, port: int, size: int, count: int, is_write: bool, data: memoryview):
@@ -74,7 +75,7 @@ class IoExit(Exit):
 class MmioExit(Exit):
     """An access to guest-physical memory that no writable memslot backs."""
 
-    __slots__ = ("address", "length", "is_write", "data")
+    __slots__ = ("address", "data", "is_write", "length")
     exit_reason = _R.MMIO
 
     def __init__(self, address: int, length: int, is_write: bool, data: memoryview):
@@ -118,7 +119,7 @@ class HypercallExit(_RunBacked):
     """A hypercall KVM forwards to userspace (KVM_CAP_EXIT_HYPERCALL). Set `ret`; the guest
     gets it in RAX on the next run()."""
 
-    __slots__ = ("nr", "args", "longmode")
+    __slots__ = ("args", "longmode", "nr")
     exit_reason = _R.HYPERCALL
 
     def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int):
@@ -168,7 +169,7 @@ class MsrExit(_RunBacked):
 
 
 class SystemEventExit(Exit):
-    __slots__ = ("type", "data")
+    __slots__ = ("data", "type")
     exit_reason = _R.SYSTEM_EVENT
 
     def __init__(self, type: int, data: tuple[int, ...]):
@@ -178,7 +179,7 @@ class SystemEventExit(Exit):
 class FailEntryExit(Exit):
     """The hardware refused to enter the guest (invalid guest state)."""
 
-    __slots__ = ("reason", "cpu")
+    __slots__ = ("cpu", "reason")
     exit_reason = _R.FAIL_ENTRY
 
     def __init__(self, reason: int, cpu: int):
@@ -188,7 +189,7 @@ class FailEntryExit(Exit):
 class InternalErrorExit(Exit):
     """KVM could not handle the exit itself (suberror 1: emulation failure)."""
 
-    __slots__ = ("suberror", "data")
+    __slots__ = ("data", "suberror")
     exit_reason = _R.INTERNAL_ERROR
 
     def __init__(self, suberror: int, data: tuple[int, ...]):
@@ -196,7 +197,7 @@ class InternalErrorExit(Exit):
 
 
 class DebugExit(Exit):
-    __slots__ = ("exception", "pc", "dr6", "dr7")
+    __slots__ = ("dr6", "dr7", "exception", "pc")
     exit_reason = _R.DEBUG
 
     def __init__(self, exception: int, pc: int, dr6: int, dr7: int):
@@ -204,7 +205,7 @@ class DebugExit(Exit):
 
 
 class ExceptionExit(Exit):
-    __slots__ = ("exception", "error_code")
+    __slots__ = ("error_code", "exception")
     exit_reason = _R.EXCEPTION
 
     def __init__(self, exception: int, error_code: int):
@@ -222,7 +223,7 @@ class SetTprExit(Exit):
 
 
 class TprAccessExit(Exit):
-    __slots__ = ("rip", "is_write")
+    __slots__ = ("is_write", "rip")
     exit_reason = _R.TPR_ACCESS
 
     def __init__(self, rip: int, is_write: bool):
@@ -286,7 +287,7 @@ class UnknownExit(Exit):
     """KVM_EXIT_UNKNOWN (with the hardware's own exit reason), or a reason this pyvmm does not
     know."""
 
-    __slots__ = ("reason", "hardware_exit_reason")
+    __slots__ = ("hardware_exit_reason", "reason")
 
     def __init__(self, reason: int, hardware_exit_reason: int = 0):
         self.reason, self.hardware_exit_reason = reason, hardware_exit_reason

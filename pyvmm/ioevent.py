@@ -11,13 +11,13 @@ class IoEventAddress:
     addr: int
 
     @classmethod
-    def pio(cls, port: int) -> "IoEventAddress":
+    def pio(cls, port: int) -> IoEventAddress:
         if not 0 <= port <= 0xFFFF:
             raise ValueError(f"PIO port {port:#x} is outside 0..0xffff")
         return cls(True, port)
 
     @classmethod
-    def mmio(cls, address: int) -> "IoEventAddress":
+    def mmio(cls, address: int) -> IoEventAddress:
         if not 0 <= address < 1 << 64:
             raise ValueError(f"MMIO address {address:#x} is outside the 64-bit space")
         return cls(False, address)

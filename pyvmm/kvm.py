@@ -138,7 +138,7 @@ class Kvm:
                 raise
             return [buf.indices[i] for i in range(buf.nmsrs)]
 
-    def create_vm(self, vm_type: int = 0) -> "Vm":
+    def create_vm(self, vm_type: int = 0) -> Vm:
         from .vm import Vm
 
         fd = io.ioctl(self.fileno(), io.KVM_CREATE_VM, vm_type, role=self.role)
@@ -153,7 +153,7 @@ class Kvm:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> "Kvm":
+    def __enter__(self) -> Kvm:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -169,6 +169,6 @@ class Kvm:
         return f"Kvm({self.path!r}, api_version={self.api_version}, fd={self._fd})"
 
 
-from .vm import Vm  # noqa: E402  (Vm is the return type of create_vm)
+from .vm import Vm
 
-__all__ = ["Kvm", "Cap", "CpuidEntry"]
+__all__ = ["Cap", "CpuidEntry", "Kvm"]

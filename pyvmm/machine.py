@@ -6,11 +6,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from .devices import (COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus,
-                      SerialConsole)
+from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from .ioevent import IoEventAddress
 from .kvm import Kvm
@@ -318,7 +318,7 @@ class Machine:
         if self._own_kvm and getattr(self, "kvm", None) is not None:
             self.kvm.close()
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,7 +19,7 @@ PAGE_SIZE = 4096
 class MemoryRegion:
     """One memslot: `size` bytes of host memory seen by the guest at `guest_addr`."""
 
-    def __init__(self, vm: "Vm", slot: int, guest_addr: int, size: int, *, readonly: bool,
+    def __init__(self, vm: Vm, slot: int, guest_addr: int, size: int, *, readonly: bool,
                  log_dirty: bool, address_space: int) -> None:
         self.vm = vm
         self.slot = slot

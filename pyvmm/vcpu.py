@@ -18,7 +18,8 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi, libc
@@ -56,12 +57,12 @@ class _Watchdog:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, "Vcpu"]] = []
-        self._armed: dict[int, "Vcpu"] = {}
+        self._heap: list[tuple[float, int, Vcpu]] = []
+        self._armed: dict[int, Vcpu] = {}
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, vcpu: "Vcpu", timeout: float) -> int:
+    def arm(self, vcpu: Vcpu, timeout: float) -> int:
         token = next(self._seq)
         with self._cond:
             self._armed[token] = vcpu
@@ -118,7 +119,7 @@ def _sigset_bytes(signals: Iterable[int]) -> bytes:
 class Vcpu:
     role = "vcpu"
 
-    def __init__(self, vm: "Vm", fd: int, vcpu_id: int, mmap_size: int) -> None:
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int, mmap_size: int) -> None:
         self.vm = vm
         self.id = vcpu_id
         self._fd = fd
@@ -401,7 +402,7 @@ class Vcpu:
             self._fd = -1
         self.vm._forget_vcpu(self)
 
-    def __enter__(self) -> "Vcpu":
+    def __enter__(self) -> Vcpu:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi
@@ -40,12 +41,12 @@ class DirtyBitmap(bytes):
 class Vm:
     role = "vm"
 
-    def __init__(self, kvm: "Kvm", fd: int) -> None:
+    def __init__(self, kvm: Kvm, fd: int) -> None:
         self.kvm = kvm
         self._fd = fd
         self._lock = threading.RLock()
         self.memory = GuestMemory()
-        self.vcpus: dict[int, "Vcpu"] = {}
+        self.vcpus: dict[int, Vcpu] = {}
         self._vcpu_ids: set[int] = set()  # KVM frees a vCPU id only with the VM
         self._ioevents: set[tuple] = set()
         self._irqfds: set[tuple[int, int]] = set()
@@ -162,7 +163,7 @@ class Vm:
 
     # -- vCPUs ---------------------------------------------------------------------------
 
-    def create_vcpu(self, vcpu_id: int | None = None) -> "Vcpu":
+    def create_vcpu(self, vcpu_id: int | None = None) -> Vcpu:
         from .vcpu import Vcpu
 
         with self._lock:
@@ -186,7 +187,7 @@ class Vm:
             self.vcpus[vcpu_id] = vcpu
             return vcpu
 
-    def _forget_vcpu(self, vcpu: "Vcpu") -> None:
+    def _forget_vcpu(self, vcpu: Vcpu) -> None:
         with self._lock:
             if self.vcpus.get(vcpu.id) is vcpu:
                 del self.vcpus[vcpu.id]
@@ -370,7 +371,7 @@ class Vm:
                 region._release()
             self._slots_used.clear()
 
-    def __enter__(self) -> "Vm":
+    def __enter__(self) -> Vm:
         return self
 
     def __exit__(self, *exc) -> None:

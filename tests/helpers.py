@@ -39,23 +39,6 @@ def open_kvm() -> Kvm:
         pytest.skip(f"/dev/kvm unusable: {err}")
 
 
-# The same fixtures as pyvmm.testing.plugin's `kvm` and `vm`, so that these tests also run
-# where the plugin is not installed. Test modules import them under those names:
-#     from helpers import kvm_fixture, vm_fixture
-@pytest.fixture(name="kvm")
-def kvm_fixture():
-    k = open_kvm()
-    yield k
-    k.close()
-
-
-@pytest.fixture(name="vm")
-def vm_fixture(kvm):
-    v = kvm.create_vm()
-    yield v
-    v.close()
-
-
 # -- assembling guest code ---------------------------------------------------------------------
 
 class AsmUnavailable(RuntimeError):

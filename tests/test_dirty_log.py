@@ -7,7 +7,7 @@ The guest runs in real mode at CPL0, where every access is emulated, so the log 
 from __future__ import annotations
 
 import pytest
-from helpers import expect, guest, kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import expect, guest
 
 from pyvmm import exits
 

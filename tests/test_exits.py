@@ -4,7 +4,7 @@ read-only memslot. Every test checks what the guest computed or stored, not only
 
 from __future__ import annotations
 
-from helpers import LOAD, code, expect, guest, kvm_fixture, protected_mode, run_to, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import LOAD, code, expect, guest, protected_mode, run_to
 
 from pyvmm import exits
 from pyvmm.exits import ExitReason

@@ -22,8 +22,6 @@ from pyvmm.guests.toolchain import (
     parse_header,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="binutils not installed")
-
 SHIPPED = ("hello", "modes", "pio", "mmio")
 
 

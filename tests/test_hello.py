@@ -3,30 +3,8 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
-
 from pyvmm import exits, guests
 from pyvmm.guests import GuestResult, run_loop, ucall
-
-pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="binutils not installed")
-
-
-@pytest.fixture
-def kvm():
-    from pyvmm import Kvm, KvmUnavailable
-
-    try:
-        k = Kvm()
-    except (KvmUnavailable, OSError) as e:
-        if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
-            pytest.fail(f"/dev/kvm is not usable: {e}")
-        pytest.skip(f"/dev/kvm is not usable: {e}")
-    with k:
-        yield k
-
 
 TEXT = "Hello from real mode\n"
 

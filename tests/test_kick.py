@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from helpers import guest, kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import guest
 
 from pyvmm import ClosedError, exits
 

@@ -8,7 +8,7 @@ import os
 import pickle
 
 import pytest
-from helpers import kvm_fixture, open_kvm, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import open_kvm
 
 from pyvmm import Cap, ClosedError, CpuidEntry, IoEventAddress, Kvm, KvmError, KvmUnavailable
 from pyvmm import ioctls as io

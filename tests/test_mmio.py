@@ -4,29 +4,7 @@ mode, and a store to a read-only memslot (an MMIO write exit; the memory is unch
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
-
 from pyvmm import exits, guests
-
-pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="binutils not installed")
-
-
-@pytest.fixture
-def kvm():
-    from pyvmm import Kvm, KvmUnavailable
-
-    try:
-        k = Kvm()
-    except (KvmUnavailable, OSError) as e:
-        if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
-            pytest.fail(f"/dev/kvm is not usable: {e}")
-        pytest.skip(f"/dev/kvm is not usable: {e}")
-    with k:
-        yield k
-
 
 LOAD_VALUES = {1: 0xA5, 2: 0xBEEF, 4: 0xDEADBEEF, 8: 0x1122334455667788}
 RO_PATTERN = bytes(range(0x40, 0x50))

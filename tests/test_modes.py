@@ -6,29 +6,10 @@ exception stubs)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 
 from pyvmm import guests
 from pyvmm.guests import layout, ucall
-
-pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="binutils not installed")
-
-
-@pytest.fixture
-def kvm():
-    from pyvmm import Kvm, KvmUnavailable
-
-    try:
-        k = Kvm()
-    except (KvmUnavailable, OSError) as e:
-        if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
-            pytest.fail(f"/dev/kvm is not usable: {e}")
-        pytest.skip(f"/dev/kvm is not usable: {e}")
-    with k:
-        yield k
 
 
 def _source(tmp_path, mode: str, body: str, data: str = "") -> str:

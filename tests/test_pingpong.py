@@ -40,6 +40,5 @@ def test_missing_interrupt_is_caught_by_the_timeout(kvm):
 
 
 def test_interrupt_needs_irqchip(kvm):
-    with Machine(kvm=kvm) as m:
-        with pytest.raises(ValueError, match="irqchip"):
-            m.interrupt(5)
+    with Machine(kvm=kvm) as m, pytest.raises(ValueError, match="irqchip"):
+        m.interrupt(5)

@@ -4,29 +4,7 @@ reports what its INs received, so the test checks the host's data reached it."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
-import pytest
-
 from pyvmm import exits, guests
-
-pytestmark = pytest.mark.skipif(shutil.which("as") is None, reason="binutils not installed")
-
-
-@pytest.fixture
-def kvm():
-    from pyvmm import Kvm, KvmUnavailable
-
-    try:
-        k = Kvm()
-    except (KvmUnavailable, OSError) as e:
-        if os.environ.get("PYVMM_REQUIRE_KVM") == "1":
-            pytest.fail(f"/dev/kvm is not usable: {e}")
-        pytest.skip(f"/dev/kvm is not usable: {e}")
-    with k:
-        yield k
-
 
 IN_VALUES = {1: 0xA5, 2: 0xBEEF, 4: 0xDEADBEEF}
 WORDS = (0x1111, 0x2222, 0x3333)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from helpers import LOAD, expect, guest, kvm_fixture, real_mode, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import LOAD, expect, guest, real_mode
 
 from pyvmm import Cap, CpuidEntry, KvmError, MissingCapability, Regs, Sregs, exits
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 
 import pytest
-from helpers import LOAD, expect, guest, kvm_fixture, vm_fixture  # noqa: F401  (the `kvm` and `vm` fixtures)
+from helpers import expect, guest
 
 from pyvmm import ClosedError, KvmError, exits
 from pyvmm import ioctls as io

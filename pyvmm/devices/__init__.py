@@ -6,5 +6,16 @@ from .doorbell import Doorbell, DoorbellWorker
 from .interrupt import Interrupt
 from .serial import COM1, SerialConsole
 
-__all__ = ["Bus", "COM1", "Counter", "Device", "Doorbell", "DoorbellWorker", "Interrupt",
-           "Memory", "MmioBus", "PioBus", "SerialConsole"]
+__all__ = [
+           "COM1",
+           "Bus",
+           "Counter",
+           "Device",
+           "Doorbell",
+           "DoorbellWorker",
+           "Interrupt",
+           "Memory",
+           "MmioBus",
+           "PioBus",
+           "SerialConsole",
+]

@@ -11,7 +11,8 @@ import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..ioevent import IoEventAddress
 
@@ -31,9 +32,9 @@ class Doorbell:
     bytes, optionally only for writes of `datamatch`). `count` is the exact number of rings
     so far; `callback(doorbell, rings)` runs for each batch of rings the worker picks up."""
 
-    def __init__(self, vm: "Vm", address: IoEventAddress, *, length: int = 0,
+    def __init__(self, vm: Vm, address: IoEventAddress, *, length: int = 0,
                  datamatch: int | None = None, callback: Callback | None = None,
-                 worker: "DoorbellWorker | None" = None) -> None:
+                 worker: DoorbellWorker | None = None) -> None:
         self.vm = vm
         self.callback = callback
         self.errors: list[BaseException] = []   # the first MAX_KEPT_ERRORS callback errors

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 class Interrupt:
     """`trigger()` raises GSI `gsi` (edge: the kernel pulses the line) without an ioctl."""
 
-    def __init__(self, vm: "Vm", gsi: int) -> None:
+    def __init__(self, vm: Vm, gsi: int) -> None:
         self.vm = vm
         self.gsi = gsi
         self._lock = threading.Lock()
