@@ -319,6 +319,8 @@ def _io(run, page: memoryview) -> Exit:
 
 def _mmio(run, page: memoryview) -> Exit:
     address, length, is_write = _MMIO_FIELDS.unpack_from(page, _UNION)
+    if length > 8:  # kvm_run.mmio.data holds 8 bytes; the kernel never says more
+        length = 8
     return MmioExit(address, length, is_write == 1, page[_MMIO_DATA: _MMIO_DATA + length])
 
 

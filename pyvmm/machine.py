@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any
 
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
@@ -17,7 +18,8 @@ from .kvm import Kvm
 from .vcpu import Vcpu
 
 #: How a run ended.
-STOPS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped", "unhandled", "error")
+STOPS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped", "closed", "unhandled",
+         "error")
 
 
 @dataclass
@@ -62,6 +64,28 @@ class RunResult:
 
 
 UCALL_PORTS = range(0xE9, 0xEE)
+
+#: The stack each vCPU gets below the previous one's in a host-set SMP start.
+AP_STACK_SIZE = 0x1000
+
+
+class MpState(IntEnum):
+    """KVM_GET/SET_MP_STATE values (x86). With the in-kernel irqchip the APs (vCPUs 1 and
+    up) start UNINITIALIZED and wait in KVM_RUN for INIT and SIPI; set RUNNABLE to start one
+    from the host instead."""
+
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+    SIPI_RECEIVED = 4
+    STOPPED = 5
+    CHECK_STOP = 6
+    OPERATING = 7
+    LOAD = 8
+    AP_RESET_HOLD = 9
+    SUSPENDED = 10
+
 
 ExitHandler = Callable[[Exit, Vcpu], Any]
 
@@ -128,10 +152,18 @@ class Machine:
     # -- payloads ------------------------------------------------------------------------
 
     def load(self, payload, *, regs: dict[str, int] | None = None,
-             memory_size: int | None = None):
+             memory_size: int | None = None, start_aps: bool = False,
+             vcpu_regs: Callable[[int], Mapping[str, int]] | Mapping[int, Mapping[str, int]]
+             | None = None):
         """Build (by name or path) or take a `pyvmm.guests.Payload`, give the VM RAM at 0 if it
         has none, write the image and system structures, and set vCPU 0 up for its mode.
-        `regs` are the payload's parameters (e.g. {"rcx": 1000})."""
+        `regs` are the payload's parameters (e.g. {"rcx": 1000}).
+
+        SMP: by default the other vCPUs (APs) only get the CPUID table, and are left for the
+        guest to start (INIT-SIPI-SIPI with the in-kernel irqchip). With `start_aps=True` the
+        host starts them: every vCPU is set up like vCPU 0 (see `start_vcpu`). `vcpu_regs`
+        gives per-vCPU registers on top of `regs`: a function of the vCPU id, or a mapping
+        from id to registers (e.g. `lambda i: {"r10": i}` to tell each vCPU its id)."""
         from . import guests
 
         if not isinstance(payload, guests.Payload):
@@ -139,9 +171,49 @@ class Machine:
         if not self.vm.memory.regions(0):
             payload.create_memory(self.vm, max(memory_size or 0, payload.memory_size))
         payload.load(self.vm)
-        payload.setup_vcpu(self.vcpus[0], regs=regs)
         self.payload = payload
+        if vcpu_regs is None and not start_aps:
+            payload.setup_vcpu(self.vcpus[0], regs=regs)
+        else:
+            self.start_vcpu(0, regs=self._regs_for(0, regs, vcpu_regs))
+        for vcpu in self.vcpus[1:]:
+            if start_aps:
+                self.start_vcpu(vcpu.id, regs=self._regs_for(vcpu.id, regs, vcpu_regs))
+            elif not vcpu.cpuid_set:
+                # A guest-started AP switches to long mode itself, which needs LM in its CPUID.
+                vcpu.set_cpuid(self.kvm.supported_cpuid())
         return payload
+
+    @staticmethod
+    def _regs_for(vcpu_id: int, regs, vcpu_regs) -> dict[str, int]:
+        merged = dict(regs or {})
+        if vcpu_regs is not None:
+            extra = vcpu_regs(vcpu_id) if callable(vcpu_regs) else vcpu_regs.get(vcpu_id)
+            merged.update(extra or {})
+        return merged
+
+    def _vcpu(self, vcpu_id: int) -> Vcpu:
+        for vcpu in self.vcpus:
+            if vcpu.id == vcpu_id:
+                return vcpu
+        raise ValueError(f"this machine has no vCPU {vcpu_id}")
+
+    def start_vcpu(self, vcpu_id: int, *, regs: Mapping[str, int] | None = None) -> Vcpu:
+        """Host-set start of one vCPU at the loaded payload's entry, in its mode: a stack of
+        its own (the mode's default top minus `vcpu_id * AP_STACK_SIZE`, unless `regs` has
+        "rsp") and `regs`; with the in-kernel irqchip also MP state RUNNABLE, which an AP
+        otherwise reaches only through INIT and SIPI."""
+        from .guests import modes
+
+        if self.payload is None:
+            raise RuntimeError("load() a payload before starting vCPUs")
+        vcpu = self._vcpu(vcpu_id)
+        regs = dict(regs or {})
+        rsp = regs.pop("rsp", modes.default_stack(self.payload.mode) - vcpu_id * AP_STACK_SIZE)
+        if self.irqchip and vcpu.get_mp_state() != MpState.RUNNABLE:
+            vcpu.set_mp_state(MpState.RUNNABLE)
+        self.payload.setup_vcpu(vcpu, rsp=rsp, regs=regs)
+        return vcpu
 
     # -- fast-path devices ---------------------------------------------------------------
 
@@ -214,32 +286,67 @@ class Machine:
         return result
 
     def _run_threads(self, selected: list[Vcpu], result: RunResult) -> dict:
+        """One thread per vCPU, each in its own exit loop on its own fd. A vCPU's DONE ends
+        only that vCPU; the first failure (in time) stops the others, and `_merge` reports
+        it with its vCPU id. Every thread is joined before this returns."""
         outcomes: dict[int, tuple] = {}
+        parts: dict[int, RunResult] = {}
+        first: list[int] = []
+        first_lock = threading.Lock()
 
-        def body(vcpu: Vcpu) -> None:
-            outcome = self._run_vcpu(vcpu, result)
+        def body(vcpu: Vcpu, part: RunResult) -> None:
+            outcome = self._run_vcpu(vcpu, part)
             outcomes[vcpu.id] = outcome
             if outcome[0] not in ("done", "timeout", "stopped"):
+                with first_lock:
+                    # A vCPU that ended because of an earlier failure's stop() comes later.
+                    if not first and (self._stop_reason is None or outcome[2] is not None
+                                      or outcome[4] is not None):
+                        first.append(vcpu.id)
                 self.stop(outcome[0])  # the first failure ends the others
 
-        threads = [threading.Thread(target=body, args=(v,), name=f"pyvmm-vcpu{v.id}")
-                   for v in selected]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for vcpu in selected:
+            # Each thread counts its exits in its own Counter (merged below, exactly);
+            # reports and the per-vCPU counters go straight to the shared result.
+            part = RunResult(stop="stopped", reports=result.reports,
+                             exits_per_vcpu=result.exits_per_vcpu)
+            parts[vcpu.id] = part
+        threads = [threading.Thread(target=body, args=(v, parts[v.id]),
+                                    name=f"pyvmm-vcpu{v.id}") for v in selected]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        except BaseException:
+            # Interrupted (KeyboardInterrupt): end every vCPU thread before going on.
+            self.stop("stopped")
+            for t in threads:
+                if t.is_alive() or t.ident is not None:
+                    t.join()
+            raise
+        finally:
+            for part in parts.values():
+                result.exits.update(part.exits)
+        self._first_failure = first[0] if first else None
         return outcomes
 
     def _merge(self, result: RunResult, outcomes: dict) -> None:
-        # The run's stop is the first non-"done" outcome (by vCPU id), else done.
+        # The run's stop is the first failure in time when there was one (threaded runs),
+        # else the first non-"done" outcome by vCPU id, else done (with the first non-zero
+        # status, if a vCPU finished with one).
+        first, self._first_failure = getattr(self, "_first_failure", None), None
         chosen = None
+        if first is not None and first in outcomes:
+            chosen = (first, outcomes[first])
         for vcpu_id in sorted(outcomes):
+            if chosen is not None:
+                break
             outcome = outcomes[vcpu_id]
             if outcome[0] != "done":
                 chosen = (vcpu_id, outcome)
-                break
         if chosen is None:
-            vcpu_id = min(outcomes)
+            vcpu_id = next((i for i in sorted(outcomes) if outcomes[i][1]), min(outcomes))
             chosen = (vcpu_id, outcomes[vcpu_id])
         vcpu_id, (stop, status, event, last_exit, error) = chosen
         result.stop, result.status, result.event = stop, status, event
@@ -304,7 +411,10 @@ class Machine:
 
     def close(self) -> None:
         """Stop the doorbell worker, remove doorbells and interrupts, close the VM (and its
-        vCPUs and memory) and, if this machine opened it, /dev/kvm. Idempotent."""
+        vCPUs and memory) and, if this machine opened it, /dev/kvm. Idempotent; from another
+        thread it first stops a run() in progress."""
+        if getattr(self, "vcpus", None):
+            self.stop("closed")
         for bell in getattr(self, "doorbells", []):
             bell.remove()
         worker = getattr(self, "_worker", None)

@@ -9,6 +9,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from ._ffi import address_of, ffi
+from .errors import ClosedError
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -29,9 +30,13 @@ class MemoryRegion:
         self.log_dirty = log_dirty
         self.address_space = address_space
         # MAP_NORESERVE: a large guest costs only the pages it touches.
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
-                              | getattr(mmap, "MAP_NORESERVE", 0),
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+                                  | getattr(mmap, "MAP_NORESERVE", 0),
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot map {size:#x} bytes of host memory for the guest "
+                          f"region at {guest_addr:#x}: {err.strerror}") from None
         pointer = ffi.from_buffer(self._map)
         self.host_addr = address_of(pointer)
         ffi.release(pointer)
@@ -85,6 +90,7 @@ class GuestMemory:
         self._lock = threading.Lock()
         # address space -> regions sorted by guest_addr
         self._spaces: dict[int, list[MemoryRegion]] = {}
+        self.closed = False
 
     def regions(self, address_space: int | None = None) -> list[MemoryRegion]:
         if address_space is None:
@@ -111,6 +117,8 @@ class GuestMemory:
 
     def find(self, gpa: int, address_space: int = 0) -> MemoryRegion | None:
         """The region holding `gpa`, or None."""
+        if self.closed:
+            raise ClosedError("the VM is closed: its memory is gone")
         for region in self._spaces.get(address_space, ()):
             if region.guest_addr <= gpa < region.end:
                 return region

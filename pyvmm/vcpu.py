@@ -39,6 +39,13 @@ KICK_SIGNAL = int(os.environ.get("PYVMM_KICK_SIGNAL", signal.SIGRTMIN + 3))
 KVM_RUN_X86_SMM = 1
 _ZERO = ffi.cast("unsigned long", 0)
 _EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
+_get_ident = threading.get_ident
+_KVM_RUN = io.KVM_RUN
+# KVM_RUN through a non-variadic function pointer to libc's ioctl: cffi calls a variadic
+# function by preparing a new libffi call interface on every call (about 1 us here, per exit),
+# a fixed prototype reuses one. Integer arguments are passed identically either way (libffi
+# also sets AL, the vector-register count a variadic callee reads, to 0).
+_kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(libc, "ioctl"))
 
 
 def _install_kick_handler() -> None:
@@ -173,34 +180,39 @@ class Vcpu:
     def run(self, timeout: float | None = None) -> Exit:
         """KVM_RUN once; returns the typed exit. With `timeout` (seconds), a guest still
         running then is kicked and `IntrExit(timed_out=True)` comes back."""
-        ident = threading.get_ident()
+        # The hot path of every exit: the lock is taken with acquire()/release() rather than
+        # `with`, and KVM_RUN goes through _kvm_run (see there), not the variadic libc.ioctl.
+        ident = _get_ident()
         if self._sigmask_thread != ident:
             # Blocked before this thread can be named as the target of a kick.
             signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
         token = _watchdog.arm(self, timeout) if timeout is not None else None
-        with self._lock:
-            if self._fd < 0 or self._closing:
-                if token is not None:
-                    _watchdog.disarm(token)
+        lock = self._lock
+        lock.acquire()
+        if self._fd < 0 or self._closing or self._thread is not None:
+            closed = self._fd < 0 or self._closing
+            lock.release()
+            if token is not None:
+                _watchdog.disarm(token)
+            if closed:
                 raise ClosedError(f"vCPU {self.id} is closed")
-            if self._thread is not None:
-                if token is not None:
-                    _watchdog.disarm(token)
-                raise RuntimeError(f"vCPU {self.id} is already running in another thread")
-            self._thread = ident
-            self._run_token = token
+            raise RuntimeError(f"vCPU {self.id} is already running in another thread")
+        self._thread = ident
+        self._run_token = token
+        lock.release()
         run = self._run
         interrupted = False
         try:
             if self._sigmask_thread != ident:
                 self._prepare_thread(ident)
+            fd, page = self._fd, self._page
             while True:
-                if libc.ioctl(self._fd, io.KVM_RUN, _ZERO) >= 0:
-                    return decode(run, self._page)
+                if _kvm_run(fd, _KVM_RUN, 0) >= 0:
+                    return decode(run, page)
                 err = ffi.errno
                 if err == _EINTR:
                     interrupted = True
-                    with self._lock:
+                    with lock:
                         run.immediate_exit = 0
                         _eat_kicks()
                         timed_out = self._timeout_fired
@@ -211,16 +223,17 @@ class Vcpu:
         finally:
             if token is not None:
                 _watchdog.disarm(token)
-            with self._lock:
-                self._thread = None
-                self._run_token = None
-                if self._timeout_fired and not interrupted:
-                    # The timeout fired as the guest exited on its own: withdraw that kick so
-                    # it cannot end the next run(), unless the application kicked too.
-                    self._timeout_fired = False
-                    if not self._kick_pending:
-                        run.immediate_exit = 0
-                        _eat_kicks()
+            lock.acquire()
+            self._thread = None
+            self._run_token = None
+            if self._timeout_fired and not interrupted:
+                # The timeout fired as the guest exited on its own: withdraw that kick so
+                # it cannot end the next run(), unless the application kicked too.
+                self._timeout_fired = False
+                if not self._kick_pending:
+                    run.immediate_exit = 0
+                    _eat_kicks()
+            lock.release()
 
     def _timeout_kick(self, token: int) -> None:
         with self._lock:
@@ -351,6 +364,8 @@ class Vcpu:
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT: inject an external interrupt (only without the in-kernel irqchip)."""
+        if not 0 <= vector <= 255:
+            raise ValueError(f"interrupt vector {vector} is outside 0..255")
         self._ioctl(io.KVM_INTERRUPT, ffi.new("uint32_t *", vector))
 
     # -- stats ---------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import ioctls as io
@@ -24,6 +25,8 @@ KVM_MEM_READONLY = 2
 IOEVENTFD_DATAMATCH, IOEVENTFD_PIO, IOEVENTFD_DEASSIGN = 1, 2, 4
 IRQFD_DEASSIGN, IRQFD_RESAMPLE = 1, 2
 MAX_VCPU_ID = 4096
+
+log = logging.getLogger("pyvmm")
 
 
 def _fd_of(eventfd) -> int:
@@ -53,6 +56,10 @@ class Vm:
         self._slots_used: dict[int, set[int]] = {}
         self._caps: dict[int, int] = {}
         self._max_slots: int | None = None
+        self._hypercall_exits = 0      # KVM_CAP_EXIT_HYPERCALL mask enabled so far
+        self._disabled_quirks = 0      # KVM_CAP_DISABLE_QUIRKS2 mask disabled so far
+        self._close_hooks: list[Callable[[Vm], object]] = []
+        self.close_hook_errors: list[BaseException] = []
 
     # -- basics --------------------------------------------------------------------------
 
@@ -83,6 +90,66 @@ class Vm:
                                                    "args": list(args)})
         name = Cap(cap).name if int(cap) in Cap._value2member_map_ else str(int(cap))
         self._ioctl(io.KVM_ENABLE_CAP, req, detail=f"KVM_CAP_{name} args {list(args)}")
+
+    def enable_hypercall_exits(self, *numbers: int) -> int:
+        """Send the hypercalls `numbers` (KVM_HC_*) to userspace as HypercallExit
+        (KVM_CAP_EXIT_HYPERCALL). Adds to the numbers enabled before; returns the whole mask.
+
+        Raises MissingCapability when this host's mask (KVM_CHECK_EXTENSION) lacks one of
+        them. Stock KVM offers only KVM_HC_MAP_GPA_RANGE (12); every other hypercall stays in
+        the kernel (an unknown number returns -KVM_ENOSYS to the guest). Note that kvm_pvm
+        reports the capability but never delivers the exit (a CPL0 hypercall hangs KVM_RUN).
+        """
+        mask = 0
+        for nr in numbers:
+            if not 0 <= int(nr) < 64:
+                raise ValueError(f"hypercall number {nr} cannot be in the 64-bit exit mask")
+            mask |= 1 << int(nr)
+        supported = self.check_extension(Cap.EXIT_HYPERCALL)
+        if mask & ~supported:
+            offered = [n for n in range(64) if supported >> n & 1]
+            wanted = [n for n in range(64) if mask >> n & 1 and not supported >> n & 1]
+            raise MissingCapability(
+                Cap.EXIT_HYPERCALL, "KVM_ENABLE_CAP", self.role,
+                f"hypercall number(s) {wanted} cannot exit to userspace; this KVM offers "
+                f"{offered or 'none'}")
+        with self._lock:
+            new = self._hypercall_exits | mask
+            self.enable_cap(Cap.EXIT_HYPERCALL, new)
+            self._hypercall_exits = new
+        return new
+
+    def disable_quirks(self, mask: int) -> int:
+        """Turn off KVM quirks (KVM_CAP_DISABLE_QUIRKS2; KVM_X86_QUIRK_* bits of
+        kernel_headers/constants.h, e.g. 32 = FIX_HYPERCALL_INSN: without it, the other
+        vendor's hypercall instruction raises #UD instead of being patched). Adds to the
+        quirks disabled before; returns the whole mask. Raises MissingCapability for a bit
+        this KVM cannot disable."""
+        if mask < 0:
+            raise ValueError("quirk mask must be >= 0")
+        supported = self.check_extension(Cap.DISABLE_QUIRKS2)
+        if mask & ~supported:
+            raise MissingCapability(
+                Cap.DISABLE_QUIRKS2, "KVM_ENABLE_CAP", self.role,
+                f"quirk bits {mask & ~supported:#x} cannot be disabled; this KVM allows "
+                f"{supported:#x}")
+        with self._lock:
+            new = self._disabled_quirks | mask
+            self.enable_cap(Cap.DISABLE_QUIRKS2, new)
+            self._disabled_quirks = new
+        return new
+
+    def add_close_hook(self, hook: Callable[[Vm], object]) -> Callable[[Vm], object]:
+        """Call `hook(vm)` once when the VM closes: after its vCPUs have stopped and before
+        guest memory is released (devices unpin or flush guest pages there). Hooks run in
+        reverse order of registration; an exception in one is logged and kept in
+        `close_hook_errors`, and never stops the others or the release of memory."""
+        if not callable(hook):
+            raise TypeError("a close hook must be callable")
+        with self._lock:
+            self.fileno()
+            self._close_hooks.append(hook)
+        return hook
 
     # -- memory --------------------------------------------------------------------------
 
@@ -210,7 +277,8 @@ class Vm:
         req = ffi.new("struct kvm_irq_level *")
         req.irq = gsi
         req.level = 1 if level else 0
-        self._ioctl(io.KVM_IRQ_LINE_STATUS, req, detail=f"gsi {gsi}")
+        self._ioctl(io.KVM_IRQ_LINE_STATUS, req, detail=f"gsi {gsi} (ENXIO: no in-kernel "
+                    "irqchip; call create_irqchip() first)")
         return req.status
 
     def signal_msi(self, address: int, data: int) -> int:
@@ -246,7 +314,9 @@ class Vm:
         if resample_fd is not None:
             req.flags = IRQFD_RESAMPLE
             req.resamplefd = _fd_of(resample_fd)
-        self._ioctl(io.KVM_IRQFD, req, detail=f"eventfd {fd} gsi {gsi}")
+        self._ioctl(io.KVM_IRQFD, req, detail=f"eventfd {fd} gsi {gsi}: EINVAL means no "
+                    "in-kernel irqchip (create_irqchip() first), an fd that is not an eventfd, "
+                    "or a GSI the routing table lacks")
         self._irqfds.add((fd, gsi))
 
     def unregister_irqfd(self, eventfd, gsi: int) -> None:
@@ -360,6 +430,13 @@ class Vm:
             if getattr(self, "_stats", None) is not None:
                 self._stats.close()
                 self._stats = None
+            hooks, self._close_hooks = getattr(self, "_close_hooks", []), []
+            for hook in reversed(hooks):
+                try:
+                    hook(self)
+                except Exception as err:  # a broken device must not keep memory alive
+                    self.close_hook_errors.append(err)
+                    log.exception("close hook %r of %r failed", hook, self)
             os.close(self._fd)
             self._fd = -1
             # The kernel drops ioeventfds, irqfds and memslots with the VM; the host memory is
@@ -370,6 +447,7 @@ class Vm:
                 self.memory._remove(region)
                 region._release()
             self._slots_used.clear()
+            self.memory.closed = True
 
     def __enter__(self) -> Vm:
         return self

@@ -1,9 +1,12 @@
-"""The device model: buses that route userspace exits to Python devices, and devices that use
-the kernel's fast paths (ioeventfd doorbells, irqfd interrupts)."""
+"""The device model: buses that route userspace exits to Python devices, devices that use
+the kernel's fast paths (ioeventfd doorbells, irqfd interrupts), a hypercall dispatcher and
+the paravirtual DMA device."""
 
 from .bus import Bus, Counter, Device, Memory, MmioBus, PioBus
 from .doorbell import Doorbell, DoorbellWorker
+from .hypercall import HypercallCall, HypercallDispatcher, HypercallError
 from .interrupt import Interrupt
+from .pvdma import PVDMA_PORT, DmaMapping, PvDma
 from .serial import COM1, SerialConsole
 
 __all__ = [
@@ -11,11 +14,17 @@ __all__ = [
            "Bus",
            "Counter",
            "Device",
+           "DmaMapping",
            "Doorbell",
            "DoorbellWorker",
+           "HypercallCall",
+           "HypercallDispatcher",
+           "HypercallError",
            "Interrupt",
            "Memory",
            "MmioBus",
+           "PVDMA_PORT",
            "PioBus",
+           "PvDma",
            "SerialConsole",
 ]

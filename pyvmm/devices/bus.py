@@ -120,18 +120,21 @@ class Bus:
         size = exit.size
         data = exit.data
         port = exit.port
+        if size == 0:
+            return
+        end = len(data) - len(data) % size  # whole elements only, whatever kvm_run claimed
         if exit.is_write:
-            for i in range(0, size * exit.count, size):
+            for i in range(0, end, size):
                 self.write(port, bytes(data[i: i + size]))
         else:
-            for i in range(0, size * exit.count, size):
+            for i in range(0, end, size):
                 data[i: i + size] = self.read(port, size)
 
     def handle_mmio(self, exit) -> None:
         if exit.is_write:
             self.write(exit.address, bytes(exit.data))
         else:
-            exit.data[:] = self.read(exit.address, exit.length)
+            exit.data[:] = self.read(exit.address, len(exit.data))
 
 
 class PioBus(Bus):

@@ -73,6 +73,10 @@ def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------------- host tools
 
+def _apt_update() -> subprocess.CompletedProcess:
+    return _run(["apt-get", "update", "-q"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
 def _have(probe: str) -> bool:
     return os.path.exists(probe) if probe.startswith("/") else shutil.which(probe) is not None
 
@@ -112,7 +116,7 @@ def apt_install(packages: list[str]) -> None:
     res = _run(cmd, env=env)
     if res.returncode != 0:
         _log("apt-get install failed; running apt-get update first")
-        upd = _run(["apt-get", "update", "-q"], env=env)
+        upd = _apt_update()
         if upd.returncode != 0:
             raise NestedSetupError("apt-get update failed:\n" + upd.stderr[-2000:])
         res = _run(cmd, env=env)
@@ -209,7 +213,7 @@ def ensure_kernel(base: Path | None = None, package: str | None = None) -> Kerne
         names = available_kernel_packages()
         if not names and _is_root():
             _log("no linux-image-6.1.0-*-amd64 package known to apt; running apt-get update")
-            _run(["apt-get", "update", "-q"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            _apt_update()
             names = available_kernel_packages()
         if not names:
             if cached:
@@ -238,7 +242,7 @@ def _download_kernel(base: Path, package: str) -> Kernel:
             cmd[2:2] = ["-o", "APT::Sandbox::User=root"]
         res = _run(cmd, cwd=tmp)
         if res.returncode != 0 and _is_root():
-            _run(["apt-get", "update", "-q"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+            _apt_update()
             res = _run(cmd, cwd=tmp)
         debs = list(Path(tmp).glob("*.deb"))
         if res.returncode != 0 or not debs:
@@ -410,7 +414,8 @@ def _decompress(payload: bytes) -> bytes:
 
 
 def has_pvh_note(elf: bytes) -> bool:
-    """True if the ELF has a Xen note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU boots it via PVH."""
+    """True if the ELF has a Xen note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU can boot it
+    through PVH."""
     try:
         return _find_pvh_note(elf)
     except struct.error:  # truncated

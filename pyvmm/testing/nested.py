@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,8 @@ except OSError as e:
     print("{MARKER} probe none", e.strerror.replace(" ", "_"))
 else:
     c = lambda n: fcntl.ioctl(fd, 0xAE03, n)
-    print("{MARKER} probe SMM=%d MULTI_ADDRESS_SPACE=%d EXIT_HYPERCALL=%d" % (c(117), c(118), c(201)))
+    print("{MARKER} probe SMM=%d MULTI_ADDRESS_SPACE=%d EXIT_HYPERCALL=%d"
+          % (c(117), c(118), c(201)))
 """
 
 
@@ -501,8 +503,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        # a CI timeout's SIGTERM unwinds like Ctrl-C: QEMU killed, temporary files removed
+        signal.signal(signal.SIGTERM, _terminate)
     if "--" in argv:
         i = argv.index("--")
         opts, command = argv[:i], argv[i + 1:]
@@ -543,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npyvmm nested: interrupted; QEMU stopped", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,333 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Shared machinery of pyvmm's pyperf benchmarks (bench/bench_*.py).
+
+A benchmark script lists `Case`s and calls `main(cases)`. Each case becomes two pyperf
+benchmarks run one after the other in the same pyperf run: "<name> [pyvmm]", timed by a Python
+function, and "<name> [C]", timed by the C reference (bench/cref.c) running the same guest
+state through the same KVM path with a bare KVM_RUN loop. Both report time per operation (a
+ring, a round trip, a spawn). VMs are created inside the pyperf worker processes, lazily, and
+setup is never inside the timed region.
+
+Adding a benchmark script (e.g. bench_smp.py): name it bench_<topic>.py in this folder, build a
+list of `Case`s (a case may have no C side: `c_mode=None`) and end with
+`if __name__ == "__main__": main(CASES)`. `pyvmm bench` finds every bench_*.py here and adds
+its results to the table; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fnmatch
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+CREF_SOURCE = BENCH_DIR / "cref.c"
+
+#: ucall ports (guests/pyvmm.inc)
+PORT_REPORT, PORT_DONE = 0xEA, 0xEB
+
+# The doorbell harness's addresses (the same as pyvmm demo's).
+DOORBELL_PORT = 0x510
+DOORBELL_MMIO = 0xD0000000
+PINGPONG_PORT = 0x520
+PINGPONG_GSI = 5
+
+#: Run timeout of the Machine runs (a guard, far above any benchmark run).
+RUN_TIMEOUT = 120.0
+
+
+# -- the C reference --------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pyvmm" / "bench"
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"the C reference needs a C compiler: {cc!r} not found "
+                           "(apt-get install gcc linux-libc-dev, or set CC)")
+    return cc
+
+
+def build_cref() -> Path:
+    """Compile bench/cref.c with the system compiler into the cache (keyed by the source and
+    the compiler's version); returns the executable. Never writes into the repository."""
+    cc = compiler()
+    source = CREF_SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    flags = ["-O2", "-Wall", "-pthread"]
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    exe = cache_dir() / f"cref-{key}"
+    if exe.is_file() and os.access(exe, os.X_OK):
+        return exe
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_name(f"{exe.name}.{os.getpid()}.tmp")
+    proc = subprocess.run([cc, *flags, "-o", str(tmp), str(CREF_SOURCE)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"building the C reference failed:\n{proc.stderr}")
+    os.replace(tmp, exe)  # atomic: concurrent workers never see a half-written binary
+    return exe
+
+
+STATE_MAGIC = b"PYVMMST1"
+STATE_IRQCHIP = 1
+
+
+def write_state(path: Path, *, pieces: list[tuple[int, bytes]], mem_size: int,
+                reload: tuple[int, int], sregs: bytes, regs: bytes, irqchip: bool) -> None:
+    """The guest state file cref.c reads (its load_state() is the other half)."""
+    out = bytearray(STATE_MAGIC)
+    out += struct.pack("<IIQQQII", STATE_IRQCHIP if irqchip else 0, len(pieces), mem_size,
+                       reload[0], reload[1], len(sregs), len(regs))
+    out += sregs + regs
+    for gpa, data in pieces:
+        out += struct.pack("<QQ", gpa, len(data)) + data
+    path.write_bytes(bytes(out))
+
+
+class CRef:
+    """One cref process serving counts on stdin: `run(n)` -> (seconds, rings, exits)."""
+
+    def __init__(self, mode: str, state: Path) -> None:
+        self.mode = mode
+        self.proc = subprocess.Popen([str(build_cref()), mode, str(state)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, n: int) -> tuple[float, int, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"cref {self.mode} ended (status {code}) on count {n}")
+        ns, rings, exits = (int(x) for x in line.split())
+        return ns * 1e-9, rings, exits
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("\n")
+                self.proc.stdin.close()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- guest scenarios --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scenario:
+    """A payload with its parameters: what both sides run. `count_reg` carries the loop count."""
+
+    payload: str
+    regs: tuple[tuple[str, int], ...]
+    irqchip: bool = False
+    count_reg: str = "rcx"
+
+    def reg_dict(self, count: int | None = None) -> dict[str, int]:
+        regs = dict(self.regs)
+        if count is not None:
+            regs[self.count_reg] = count
+        return regs
+
+
+def doorbell(mode: str, mmio: bool, width: int = 4) -> Scenario:
+    return Scenario("doorbell" if mode == "cpl0" else "doorbell_user",
+                    (("rcx", 0), ("rdi", 1 if mmio else 0), ("r10", width), ("rsi", 1),
+                     ("r8", DOORBELL_PORT), ("r9", DOORBELL_MMIO)))
+
+
+PINGPONG = Scenario("pingpong", (("rcx", 0), ("r8", PINGPONG_PORT), ("r9", PINGPONG_GSI)),
+                    irqchip=True)
+
+
+def payload(name: str):
+    from pyvmm import guests
+
+    return guests.build(name)
+
+
+def dump_state(scenario: Scenario, path: Path, count: int = 0) -> Path:
+    """Set a VM up for `scenario` with pyvmm (Machine.load, as the pyvmm side does) and write
+    what cref needs to start the guest in exactly that state."""
+    from pyvmm import Machine
+    from pyvmm.guests import layout
+
+    p = payload(scenario.payload)
+    with Machine(irqchip=scenario.irqchip, serial=False) as m:
+        m.load(p, regs=scenario.reg_dict(count))
+        vcpu = m.vcpus[0]
+        sregs, regs = vcpu.get_sregs().to_bytes(), vcpu.get_regs().to_bytes()
+        mem_size = sum(r.size for r in m.vm.memory.regions(0))
+    pieces = [*layout.system_area(), (p.load_address, p.image)]
+    write_state(path, pieces=pieces, mem_size=mem_size, reload=(p.load_address, len(p.image)),
+                sregs=sregs, regs=regs, irqchip=scenario.irqchip)
+    return path
+
+
+_tmpdir: Path | None = None
+
+
+def tmpdir() -> Path:
+    global _tmpdir
+    if _tmpdir is None:
+        _tmpdir = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))
+        atexit.register(shutil.rmtree, _tmpdir, True)
+    return _tmpdir
+
+
+def c_timer(mode: str, scenario: Scenario, *, per_op: int = 1) -> Callable[[int], float]:
+    """A pyperf time function driving cref: `loops` operations, the elapsed cref measured.
+    The ring count cref reports must be exact."""
+    ref: list[CRef] = []
+
+    def time_func(loops: int) -> float:
+        if not ref:
+            state = dump_state(scenario, tmpdir() / f"state-{os.getpid()}-{len(ref)}.bin")
+            ref.append(CRef(mode, state))
+            atexit.register(ref[0].close)
+        seconds, rings, _exits = ref[0].run(loops)
+        if rings != loops * per_op:
+            raise RuntimeError(f"cref {mode}: counted {rings} rings for {loops}")
+        return seconds
+
+    return time_func
+
+
+# -- pyvmm sides ------------------------------------------------------------------------------
+
+class LoadedMachine:
+    """A pyvmm Machine with a scenario loaded, restartable: `reset(count)` puts the image,
+    sregs and regs back (outside the timed region) so every run starts the guest afresh."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        from pyvmm import Kvm, Machine
+
+        self.scenario = scenario
+        self.kvm = Kvm()
+        self.machine = Machine(kvm=self.kvm, irqchip=scenario.irqchip, serial=False)
+        self.payload = payload(scenario.payload)
+        self.machine.load(self.payload, regs=scenario.reg_dict(0))
+        self.vcpu = self.machine.vcpus[0]
+        self.sregs = self.vcpu.get_sregs()
+        self.regs = self.vcpu.get_regs()
+        atexit.register(self.close)
+
+    def reset(self, count: int) -> None:
+        self.machine.vm.memory.write(self.payload.load_address, self.payload.image)
+        self.vcpu.set_sregs(self.sregs)
+        regs = self.regs.copy()
+        setattr(regs, self.scenario.count_reg, count)
+        self.vcpu.set_regs(regs)
+
+    def run(self):
+        result = self.machine.run(timeout=RUN_TIMEOUT)
+        if not result.ok:
+            raise RuntimeError(f"{self.scenario.payload} did not finish:\n{result}")
+        return result
+
+    def close(self) -> None:
+        self.machine.close()
+        self.kvm.close()
+
+
+def lazy(factory: Callable[[], Callable[[int], float]]) -> Callable[[int], float]:
+    """Defer building a time function (and its VM) to its first call, in the worker."""
+    made: list[Callable[[int], float]] = []
+
+    def time_func(loops: int) -> float:
+        if not made:
+            made.append(factory())
+        return made[0](loops)
+
+    return time_func
+
+
+# -- cases and the pyperf runner --------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One comparison: `pyvmm(loops) -> seconds` against cref's `c_mode` on `scenario`.
+
+    `target` is evaluated by `pyvmm bench` on the medians: "ratio<=X" (pyvmm time / C time at
+    most X) or "speedup>=X:<other case>" (the other case's pyvmm time / this case's pyvmm time
+    at least X). `group` and `title` lay out the table."""
+
+    name: str
+    group: str
+    title: str
+    pyvmm: Callable[[int], float]
+    scenario: Scenario | None = None
+    c_mode: str | None = None
+    target: str = ""
+    unit: str = "op"
+    c_per_op: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self, impl: str) -> dict[str, str]:
+        return {"pyvmm_case": self.name, "pyvmm_impl": impl, "pyvmm_group": self.group,
+                "pyvmm_title": self.title, "pyvmm_target": self.target,
+                "pyvmm_unit": self.unit}
+
+
+def _runner_args(cmd, args) -> None:
+    if args.cases:
+        cmd.extend(("--cases", args.cases))
+
+
+def main(cases: list[Case]) -> None:
+    import pyperf
+
+    runner = pyperf.Runner(add_cmdline_args=_runner_args)
+    runner.argparser.add_argument("--cases", default="",
+                                  help="run only cases whose name matches this glob "
+                                       "(comma-separated globs)")
+    args = runner.parse_args()
+    if not args.worker and any(c.c_mode for c in cases):
+        build_cref()  # once, in the master, before the workers race for it
+    patterns = [p for p in args.cases.split(",") if p]
+    runner.metadata["pyvmm_host"] = host_description()
+    for case in cases:
+        if patterns and not any(fnmatch.fnmatch(case.name, p) for p in patterns):
+            continue
+        runner.bench_time_func(f"{case.name} [pyvmm]", case.pyvmm,
+                               metadata=case.metadata("pyvmm"))
+        if case.c_mode is not None and case.scenario is not None:
+            runner.bench_time_func(f"{case.name} [C]",
+                                   c_timer(case.c_mode, case.scenario, per_op=case.c_per_op),
+                                   metadata=case.metadata("C"))
+
+
+def host_description() -> str:
+    try:
+        from pyvmm.testing.hostinfo import describe_host
+
+        return f"{describe_host()}, {os.cpu_count()} CPUs"
+    except Exception:  # informative only
+        return f"{os.uname().release}, {os.cpu_count()} CPUs"
+
+
+def perf_counter() -> float:
+    return time.perf_counter()
+
+
+if __name__ == "__main__":
+    sys.exit("benchlib is imported by the bench_*.py scripts")

@@ -1,0 +1,575 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`PvDma`: a paravirtual DMA interface. The guest maps and unmaps guest-physical ranges for
+DMA; the host pins the host pages behind them for the life of each mapping, and a Python
+device reads and writes guest memory only through a live mapping.
+
+Protocol (the KVM_HC_MAP_GPA_RANGE hypercall's, both transports)::
+
+    nr    = KVM_HC_MAP_GPA_RANGE (12)
+    gpa   = first guest-physical address (4 KiB aligned)
+    npages= number of 4 KiB pages
+    attrs = bits 0-3 page size hint (0 = 4K, 1 = 2M, 2 = 1G); bit 4 KVM_MAP_GPA_RANGE_ENCRYPTED:
+            0 = shared   -> MAP the range for DMA (pin it)
+            1 = private  -> UNMAP it (unpin exactly what its map pinned)
+            other bits must be 0
+
+Result in the guest's RAX (KVM-style negative error codes):
+
+    ======  ========  ===============================================================
+     0               success
+    -22     EINVAL    unaligned gpa, npages 0, a range that wraps the 64-bit space,
+                      reserved attribute bits or an unknown page size
+    -14     EFAULT    some page is not guest RAM: no memslot, a gap between memslots,
+                      a read-only slot, an SMRAM slot (address space 1) or an MMIO device
+    -2      ENOENT    unmap of a range that is not mapped (never mapped, or unmapped twice);
+                      an unmap must name exactly the gpa and npages of a map
+    -12     ENOMEM    the host could not pin the pages (mlock failed, e.g. RLIMIT_MEMLOCK)
+    -5      EIO       the device failed on the host side (a bug, logged; the VMM goes on)
+    -1000   ENOSYS    a hypercall number nobody serves (as KVM answers it), which is also
+                      what a guest gets once the device is closed
+    ======  ========  ===============================================================
+
+Transports:
+
+- ``"hypercall"``: the guest executes VMCALL/VMMCALL with RAX=12, RBX=gpa, RCX=npages,
+  RDX=attrs at CPL0; KVM checks alignment, npages and gfn wrap-around itself (answering
+  -22 without an exit), then exits to userspace (KVM_CAP_EXIT_HYPERCALL), where the
+  machine's :class:`~pyvmm.devices.HypercallDispatcher` runs the request.
+- ``"pio"``: the same request through a register block on the PIO bus (userspace exits:
+  the guest reads the status back synchronously). For hosts where hypercalls cannot reach
+  userspace, such as kvm_pvm (a CPL0 VMCALL never returns there).
+
+PIO register block at ``port`` (default :data:`PVDMA_PORT`), 32-bit little-endian registers::
+
+    +0x00 GPA_LO     +0x04 GPA_HI     +0x08 NPAGES_LO   +0x0C NPAGES_HI
+    +0x10 ATTRS
+    +0x14 COMMAND    write: a hypercall number to run with (gpa, npages, attrs), e.g. 12
+          STATUS     read: the low 32 bits of the last result (sign-extend it: -14 = 0xfffffff2)
+    +0x18 TRANSPORT  read: 0 = use the PIO registers, 1 = use the hypercall
+    +0x1C MAGIC      read: 0x414d4450 ("PDMA"), to probe for the device
+
+The block is registered on every machine, whatever the transport, so a guest can read
+TRANSPORT to learn how to talk to the device.
+
+State is per VM and under a lock: the mappings, and the pin count of every host page (mlock
+is not reference counted by the kernel, so overlapping mappings share pages by count). When
+the VM closes (a close hook, run before guest memory is released) or the device closes,
+every mapping is released.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._ffi import ffi, libc
+from ..caps import Cap
+from ..errors import GuestError
+from ..memory import PAGE_SIZE
+from .hypercall import (KVM_EFAULT, KVM_EINVAL, KVM_EIO, KVM_ENOENT, KVM_ENOMEM,
+                        KVM_HC_MAP_GPA_RANGE, HypercallCall, HypercallDispatcher,
+                        HypercallError)
+
+__all__ = [
+    "KVM_MAP_GPA_RANGE_ENCRYPTED",
+    "PVDMA_LENGTH",
+    "PVDMA_MAGIC",
+    "PVDMA_PORT",
+    "TRANSPORTS",
+    "DmaMapping",
+    "PvDma",
+    "default_transport",
+    "locked_pages",
+]
+
+PVDMA_PORT = 0x5D0
+PVDMA_LENGTH = 0x20
+PVDMA_MAGIC = 0x414D4450  # "PDMA"
+REG_GPA_LO, REG_GPA_HI, REG_NPAGES_LO, REG_NPAGES_HI = 0x00, 0x04, 0x08, 0x0C
+REG_ATTRS, REG_COMMAND, REG_TRANSPORT, REG_MAGIC = 0x10, 0x14, 0x18, 0x1C
+REG_STATUS = REG_COMMAND
+
+KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+_PAGE_SIZES = {0: "4K", 1: "2M", 2: "1G"}
+_ATTR_MASK = KVM_MAP_GPA_RANGE_PAGE_SZ_MASK | KVM_MAP_GPA_RANGE_ENCRYPTED
+
+TRANSPORTS = ("hypercall", "pio")
+TRANSPORT_CODES = {"pio": 0, "hypercall": 1}
+#: Environment override of the automatic transport choice.
+TRANSPORT_ENV = "PYVMM_PVDMA_TRANSPORT"
+
+
+def locked_pages(status_path: str = "/proc/self/status") -> int:
+    """Pages this process has locked in memory (VmLck of /proc/self/status, in 4 KiB pages)."""
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1]) * 1024 // PAGE_SIZE
+    return 0
+
+
+def default_transport(vm) -> tuple[str, str]:
+    """(transport, why): "pio" on kvm_pvm, which reports KVM_CAP_EXIT_HYPERCALL but never
+    delivers the exit; "hypercall" where KVM offers the MAP_GPA_RANGE exit; "pio" otherwise.
+    $PYVMM_PVDMA_TRANSPORT (pio or hypercall) overrides the choice."""
+    from ..testing.hostinfo import kvm_module
+
+    forced = os.environ.get(TRANSPORT_ENV, "").strip().lower()
+    if forced:
+        if forced not in TRANSPORTS:
+            raise ValueError(f"${TRANSPORT_ENV}={forced!r}: expected one of {TRANSPORTS}")
+        return forced, f"${TRANSPORT_ENV}={forced}"
+    module = kvm_module()
+    if module == "kvm_pvm":
+        return "pio", ("kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never delivers hypercall "
+                       "exits (a CPL0 VMCALL hangs KVM_RUN)")
+    mask = vm.check_extension(Cap.EXIT_HYPERCALL)
+    if mask >> KVM_HC_MAP_GPA_RANGE & 1:
+        return "hypercall", f"{module or 'KVM'} sends KVM_HC_MAP_GPA_RANGE to userspace"
+    return "pio", f"{module or 'KVM'} lacks the KVM_HC_MAP_GPA_RANGE exit"
+
+
+# ------------------------------------------------------------------------------- pin table
+
+def _mlock(addr: int, length: int) -> int:
+    """0, or the errno of a failed mlock."""
+    if libc.mlock(ffi.cast("void *", addr), length) != 0:
+        return ffi.errno or _errno.ENOMEM
+    return 0
+
+
+def _munlock(addr: int, length: int) -> None:
+    libc.munlock(ffi.cast("void *", addr), length)
+
+
+def _runs(pages: list[int]) -> Iterator[tuple[int, int]]:
+    """(first host address, length) of each run of consecutive host pages."""
+    start = prev = None
+    for page in pages:
+        if start is None:
+            start = prev = page
+        elif page == prev + PAGE_SIZE:
+            prev = page
+        else:
+            yield start, prev + PAGE_SIZE - start
+            start = prev = page
+    if start is not None:
+        yield start, prev + PAGE_SIZE - start
+
+
+class _PinTable:
+    """Pin counts of one VM's host pages: a page is mlocked while its count is above 0."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[int, int] = {}
+
+    def pin(self, pages: list[int]) -> int:
+        """Take one pin on each page; 0, or an errno (nothing is left pinned then)."""
+        with self.lock:
+            fresh = [p for p in pages if not self.counts.get(p)]
+            done: list[tuple[int, int]] = []
+            for addr, length in _runs(fresh):
+                err = _mlock(addr, length)
+                if err:
+                    for a, n in done:
+                        _munlock(a, n)
+                    return err
+                done.append((addr, length))
+            for p in pages:
+                self.counts[p] = self.counts.get(p, 0) + 1
+            return 0
+
+    def unpin(self, pages: list[int]) -> None:
+        with self.lock:
+            freed = []
+            for p in pages:
+                n = self.counts.get(p, 0) - 1
+                if n > 0:
+                    self.counts[p] = n
+                else:
+                    self.counts.pop(p, None)
+                    freed.append(p)
+            for addr, length in _runs(sorted(freed)):
+                _munlock(addr, length)
+
+    @property
+    def pinned(self) -> int:
+        with self.lock:
+            return len(self.counts)
+
+
+_pin_tables: weakref.WeakKeyDictionary[Any, _PinTable] = weakref.WeakKeyDictionary()
+_pin_tables_lock = threading.Lock()
+
+
+def _pin_table(vm) -> _PinTable:
+    with _pin_tables_lock:
+        table = _pin_tables.get(vm)
+        if table is None:
+            table = _pin_tables[vm] = _PinTable()
+        return table
+
+
+# -------------------------------------------------------------------------------- mappings
+
+@dataclass(frozen=True)
+class _Piece:
+    region: Any          # MemoryRegion
+    offset: int          # into the region
+    length: int
+    gpa: int
+
+    @property
+    def host_addr(self) -> int:
+        return self.region.host_addr + self.offset
+
+
+@dataclass(eq=False)
+class DmaMapping:
+    """A live DMA mapping: ``npages`` guest pages from ``gpa``, pinned in host memory. The
+    host view is one piece per memslot the range crosses."""
+
+    gpa: int
+    npages: int
+    pieces: tuple[_Piece, ...]
+    active: bool = True
+    _views: list[memoryview] = field(default_factory=list, repr=False)
+
+    @property
+    def size(self) -> int:
+        return self.npages * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_pages(self) -> list[int]:
+        return [p.host_addr + i for p in self.pieces for i in range(0, p.length, PAGE_SIZE)]
+
+    @property
+    def host_ranges(self) -> list[tuple[int, int, int]]:
+        """(gpa, host address, length) of each piece."""
+        return [(p.gpa, p.host_addr, p.length) for p in self.pieces]
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+    def _check(self, offset: int, length: int) -> None:
+        if not self.active:
+            raise GuestError(f"DMA mapping {self.gpa:#x}+{self.npages} pages is unmapped")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise GuestError(f"DMA access {offset:#x}+{length:#x} is outside the mapping of "
+                             f"{self.size:#x} bytes at {self.gpa:#x}")
+
+    def _chunks(self, offset: int, length: int):
+        for piece in self.pieces:
+            if length <= 0:
+                break
+            if offset >= piece.length:
+                offset -= piece.length
+                continue
+            n = min(length, piece.length - offset)
+            yield piece, offset, n
+            offset = 0
+            length -= n
+
+    def views(self) -> list[memoryview]:
+        """Writable zero-copy views of the mapped guest memory, one per piece. They are
+        released when the mapping is unmapped."""
+        self._check(0, 0)
+        out = [p.region.view(p.offset, p.length) for p in self.pieces]
+        self._views.extend(out)
+        return out
+
+    def view(self) -> memoryview:
+        """The one view of a mapping that lies in a single memslot."""
+        if len(self.pieces) != 1:
+            raise ValueError(f"the mapping at {self.gpa:#x} spans {len(self.pieces)} memslots; "
+                             "use views()")
+        return self.views()[0]
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        return b"".join(bytes(p.region.view(p.offset + o, n))
+                        for p, o, n in self._chunks(offset, length))
+
+    def write(self, offset: int, data: bytes) -> None:
+        data = memoryview(data).cast("B")
+        self._check(offset, len(data))
+        done = 0
+        for p, o, n in self._chunks(offset, len(data)):
+            p.region.view(p.offset + o, n)[:] = data[done: done + n]
+            done += n
+
+    def _deactivate(self) -> None:
+        self.active = False
+        for v in self._views:
+            try:
+                v.release()
+            except (BufferError, ValueError):
+                pass
+        self._views.clear()
+
+
+# ----------------------------------------------------------------------------------- device
+
+class PvDma:
+    """The paravirtual DMA device of one VM (see the module documentation for the protocol
+    and the error codes).
+
+        with Machine() as m:
+            dma = PvDma(m)                  # transport chosen for this host: dma.transport
+            m.load("pvdma", regs=dma.guest_regs())
+            ...
+            dma.dma_write(gpa, b"data")     # a device writes into a mapped guest buffer
+
+    ``target`` is a :class:`~pyvmm.Machine` (the register block goes on its PIO bus and,
+    for the hypercall transport, the dispatcher on its exit handlers) or a bare ``Vm``
+    (map/unmap from Python; serve :meth:`read`/:meth:`write` on a bus yourself).
+    ``transport`` is "hypercall", "pio", or None for :func:`default_transport`.
+    """
+
+    def __init__(self, target, *, transport: str | None = None, port: int = PVDMA_PORT,
+                 dispatcher: HypercallDispatcher | None = None) -> None:
+        machine = target if hasattr(target, "vm") and hasattr(target, "pio") else None
+        self.machine = machine
+        self.vm = machine.vm if machine is not None else target
+        if transport is None:
+            transport, why = default_transport(self.vm)
+        else:
+            if transport not in TRANSPORTS:
+                raise ValueError(f"transport {transport!r} is not one of {TRANSPORTS}")
+            why = "chosen by the caller"
+        self.transport = transport
+        self.transport_reason = why
+        self.port = port
+        self._lock = threading.RLock()
+        self._pins = _pin_table(self.vm)
+        self._mappings: list[DmaMapping] = []
+        self._regs = bytearray(PVDMA_LENGTH)
+        self._set_reg(REG_TRANSPORT, TRANSPORT_CODES[transport])
+        self._set_reg(REG_MAGIC, PVDMA_MAGIC)
+        self.requests = 0
+        self.closed = False
+        self.last_error: BaseException | None = None
+
+        if dispatcher is None and machine is not None:
+            from ..exits import HypercallExit
+            current = machine.exit_handlers.get(HypercallExit)
+            owner = getattr(current, "__self__", None)
+            if isinstance(owner, HypercallDispatcher):
+                dispatcher = owner
+        self.dispatcher = dispatcher if dispatcher is not None else HypercallDispatcher()
+        self.dispatcher.register(KVM_HC_MAP_GPA_RANGE, self._hypercall)
+        try:
+            if transport == "hypercall":
+                self.vm.enable_hypercall_exits(KVM_HC_MAP_GPA_RANGE)
+            if machine is not None:
+                if transport == "hypercall":
+                    from ..exits import HypercallExit
+                    machine.exit_handlers[HypercallExit] = self.dispatcher.handle
+                machine.pio.register(port, PVDMA_LENGTH, self)
+            self.vm.add_close_hook(self._on_vm_close)
+        except BaseException:
+            self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
+            raise
+
+    # -- what the guest is told ----------------------------------------------------------
+
+    def guest_regs(self) -> dict[str, int]:
+        """Registers for the pvdma payload: R14 = the register block's port, R15 = the
+        transport (0 PIO, 1 hypercall)."""
+        return {"r14": self.port, "r15": TRANSPORT_CODES[self.transport]}
+
+    # -- the protocol --------------------------------------------------------------------
+
+    def request(self, gpa: int, npages: int, attrs: int = 0) -> int:
+        """One MAP_GPA_RANGE request as the guest makes it; returns the guest's result code."""
+        return self.dispatcher.call(KVM_HC_MAP_GPA_RANGE, (gpa, npages, attrs),
+                                    transport="python")
+
+    def _hypercall(self, call: HypercallCall) -> int:
+        gpa, npages, attrs = (tuple(call.args) + (0, 0, 0))[:3]
+        with self._lock:
+            self.requests += 1
+        try:
+            if attrs & ~_ATTR_MASK:
+                raise HypercallError(KVM_EINVAL, f"reserved attribute bits {attrs:#x}")
+            if attrs & KVM_MAP_GPA_RANGE_PAGE_SZ_MASK not in _PAGE_SIZES:
+                raise HypercallError(KVM_EINVAL, f"unknown page size {attrs & 0xF}")
+            if attrs & KVM_MAP_GPA_RANGE_ENCRYPTED:
+                self.unmap(gpa, npages)
+            else:
+                self.map(gpa, npages)
+        except BaseException as err:
+            self.last_error = err
+            raise
+        return 0
+
+    # -- map / unmap ---------------------------------------------------------------------
+
+    def _pieces(self, gpa: int, npages: int) -> tuple[_Piece, ...]:
+        if gpa < 0 or npages < 0 or gpa % PAGE_SIZE:
+            raise HypercallError(KVM_EINVAL, f"gpa {gpa:#x} is not 4 KiB aligned")
+        if npages == 0:
+            raise HypercallError(KVM_EINVAL, "npages is 0")
+        end = gpa + npages * PAGE_SIZE
+        if end > 1 << 64:
+            raise HypercallError(KVM_EINVAL, f"range {gpa:#x}+{npages} pages wraps")
+        memory = self.vm.memory
+        for region in memory.regions():
+            if region.address_space != 0 and region.guest_addr < end and gpa < region.end:
+                raise HypercallError(KVM_EFAULT, f"range {gpa:#x}-{end:#x} overlaps SMRAM "
+                                     f"{region!r}")
+        if self.machine is not None:
+            for m in self.machine.mmio.devices():
+                if m.base < end and gpa < m.end:
+                    raise HypercallError(KVM_EFAULT, f"range {gpa:#x}-{end:#x} overlaps MMIO "
+                                         f"{type(m.device).__name__} at {m.base:#x}")
+        pieces = []
+        at = gpa
+        while at < end:
+            region = memory.find(at, 0)
+            if region is None or region.closed:
+                raise HypercallError(KVM_EFAULT, f"gpa {at:#x} is not guest RAM")
+            if region.readonly:
+                raise HypercallError(KVM_EFAULT, f"gpa {at:#x} is in a read-only slot")
+            n = min(end, region.end) - at
+            pieces.append(_Piece(region, at - region.guest_addr, n, at))
+            at += n
+        return tuple(pieces)
+
+    def map(self, gpa: int, npages: int) -> DmaMapping:
+        """Pin ``npages`` guest pages from ``gpa`` and record the mapping. Raises
+        HypercallError (EINVAL, EFAULT, ENOMEM, EIO) with the code the guest would get."""
+        with self._lock:
+            if self.closed or self.vm.closed:
+                raise HypercallError(KVM_EIO, "the PV-DMA device is closed")
+            pieces = self._pieces(gpa, npages)
+            mapping = DmaMapping(gpa, npages, pieces)
+            err = self._pins.pin(mapping.host_pages)
+            if err:
+                raise HypercallError(KVM_ENOMEM, f"cannot pin {npages} pages at {gpa:#x}: "
+                                     f"{os.strerror(err)}")
+            self._mappings.append(mapping)
+            return mapping
+
+    def unmap(self, gpa: int, npages: int) -> None:
+        """Release the mapping made by ``map(gpa, npages)`` (the most recent one, when the
+        same range is mapped more than once). HypercallError(ENOENT) when there is none."""
+        with self._lock:
+            if self.closed:
+                raise HypercallError(KVM_EIO, "the PV-DMA device is closed")
+            for i in range(len(self._mappings) - 1, -1, -1):
+                mapping = self._mappings[i]
+                if mapping.gpa == gpa and mapping.npages == npages:
+                    del self._mappings[i]
+                    self._release(mapping)
+                    return
+            raise HypercallError(KVM_ENOENT, f"no DMA mapping of {npages} pages at {gpa:#x}")
+
+    def _release(self, mapping: DmaMapping) -> None:
+        mapping._deactivate()
+        self._pins.unpin(mapping.host_pages)
+
+    @property
+    def mappings(self) -> list[DmaMapping]:
+        with self._lock:
+            return list(self._mappings)
+
+    @property
+    def pinned_pages(self) -> int:
+        """Host pages this VM's PV-DMA devices hold pinned (each counted once)."""
+        return self._pins.pinned
+
+    def lookup(self, gpa: int, length: int = 1) -> DmaMapping:
+        """The live mapping holding ``gpa``..``gpa+length``; GuestError if there is none."""
+        with self._lock:
+            for mapping in reversed(self._mappings):
+                if mapping.contains(gpa, length):
+                    return mapping
+        raise GuestError(f"DMA to {gpa:#x}+{length:#x}: no mapping covers it")
+
+    def dma_write(self, gpa: int, data: bytes) -> None:
+        """Device -> guest DMA: write into guest memory through a live mapping only."""
+        with self._lock:
+            mapping = self.lookup(gpa, len(data))
+            mapping.write(gpa - mapping.gpa, data)
+
+    def dma_read(self, gpa: int, length: int) -> bytes:
+        """Guest -> device DMA: read guest memory through a live mapping only."""
+        with self._lock:
+            mapping = self.lookup(gpa, length)
+            return mapping.read(gpa - mapping.gpa, length)
+
+    # -- PIO register block (bus device protocol) ---------------------------------------
+
+    def _reg(self, offset: int) -> int:
+        return int.from_bytes(self._regs[offset: offset + 4], "little")
+
+    def _set_reg(self, offset: int, value: int) -> None:
+        self._regs[offset: offset + 4] = (value & 0xFFFFFFFF).to_bytes(4, "little")
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            return bytes(self._regs[offset: offset + size])
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset <= REG_COMMAND < offset + len(data):
+            if offset != REG_COMMAND or len(data) != 4:
+                raise GuestError("PV-DMA COMMAND takes a 32-bit write")
+            nr = int.from_bytes(data, "little")
+            with self._lock:
+                gpa = self._reg(REG_GPA_LO) | self._reg(REG_GPA_HI) << 32
+                npages = self._reg(REG_NPAGES_LO) | self._reg(REG_NPAGES_HI) << 32
+                attrs = self._reg(REG_ATTRS)
+                result = self.dispatcher.call(nr, (gpa, npages, attrs), transport="pio")
+                self._set_reg(REG_STATUS, result)
+            return
+        if offset + len(data) > REG_TRANSPORT:
+            raise GuestError(f"PV-DMA register {offset:#x} is read-only")
+        with self._lock:
+            self._regs[offset: offset + len(data)] = data
+
+    # -- lifetime ------------------------------------------------------------------------
+
+    def release_all(self) -> int:
+        """Unmap every mapping; returns how many there were."""
+        with self._lock:
+            mappings, self._mappings = self._mappings, []
+            for mapping in mappings:
+                self._release(mapping)
+            return len(mappings)
+
+    def _on_vm_close(self, vm) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every mapping, stop serving the guest (its requests then get -ENOSYS;
+        Python callers of map/unmap get EIO) and leave the PIO bus. Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.release_all()
+            try:
+                self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
+            except ValueError:
+                pass
+        if self.machine is not None:
+            try:
+                self.machine.pio.unregister(self)
+            except ValueError:
+                pass
+
+    def __repr__(self) -> str:
+        return (f"PvDma(transport={self.transport!r}, port={self.port:#x}, "
+                f"mappings={len(self._mappings)}, pinned_pages={self.pinned_pages})")
