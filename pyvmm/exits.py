@@ -309,6 +309,8 @@ _IO_FIELDS = struct.Struct("<BBHIQ")        # direction, size, port, count, data
 _MMIO_FIELDS = struct.Struct("<Q8xIB")      # phys_addr, (data), len, is_write
 _REASON = struct.Struct("<I")
 _REASON_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
+# exit_reason, then the io fields (_IO_FIELDS) at the union: what decode() reads first.
+_HEAD = struct.Struct(f"<{_REASON_OFFSET}xI{_UNION - _REASON_OFFSET - 4}xBBHIQ")
 assert ffi.offsetof("struct kvm_run", "io") == _UNION and _UNION == 32
 
 
@@ -391,9 +393,13 @@ for _reason, _decoder in _DECODERS.items():
 def decode(run, page: memoryview) -> Exit:
     """Turn the exit recorded in `run` (a `struct kvm_run *`) into a typed exit. `page` is a
     memoryview of the whole vCPU mmap, which the data views slice."""
-    reason = _REASON.unpack_from(page, _REASON_OFFSET)[0]
-    if reason == 2:  # KVM_EXIT_IO, the common case, without the table lookup
-        return _io(run, page)
+    # One unpack reads the exit reason and, in case it is KVM_EXIT_IO (the common case), the
+    # io fields; IO and MMIO skip the table lookup.
+    reason, direction, size, port, count, offset = _HEAD.unpack_from(page, 0)
+    if reason == 2:  # KVM_EXIT_IO
+        return IoExit(port, size, count, direction == 1, page[offset: offset + size * count])
+    if reason == 6:  # KVM_EXIT_MMIO
+        return _mmio(run, page)
     decoder = _TABLE[reason] if reason < len(_TABLE) else None
     if decoder is None:
         return UnknownExit(reason)

@@ -359,19 +359,26 @@ class Machine:
         counts: Counter = Counter()
         result.exits_per_vcpu[vcpu.id] = counts
         pio, mmio, handlers = self.pio, self.mmio, self.exit_handlers
+        handle_io, handle_mmio, run = pio.handle_io, mmio.handle_mmio, vcpu.run
+        ucall_ports = UCALL_PORTS
+        # The two hot exits are counted in locals and folded into `counts` when the loop
+        # ends (their keys are still created at their first occurrence, in exit order).
+        n_io = n_mmio = 0
         ex: Exit | None = None
         try:
             while True:
                 if self._stop_reason is not None:
                     return (self._stop_reason, None, None, ex, None)
-                ex = vcpu.run()
+                ex = run()
                 cls = type(ex)
-                counts[cls.__name__] += 1
                 if cls is IoExit:
-                    if ex.port in UCALL_PORTS:
+                    n_io += 1
+                    if n_io == 1:
+                        counts["IoExit"] += 0
+                    if ex.port in ucall_ports:
                         event = ucall.decode(ex, vcpu)
                         if event is None:
-                            pio.handle_io(ex)
+                            handle_io(ex)
                         elif isinstance(event, ucall.ConsoleOutput):
                             self._console_write(event.data)
                         elif isinstance(event, ucall.Report):
@@ -383,10 +390,16 @@ class Machine:
                         else:
                             return ("fault", None, event, ex, None)
                     else:
-                        pio.handle_io(ex)
-                elif cls is MmioExit:
-                    mmio.handle_mmio(ex)
-                elif cls is IntrExit:
+                        handle_io(ex)
+                    continue
+                if cls is MmioExit:
+                    n_mmio += 1
+                    if n_mmio == 1:
+                        counts["MmioExit"] += 0
+                    handle_mmio(ex)
+                    continue
+                counts[cls.__name__] += 1
+                if cls is IntrExit:
                     continue  # a kick: the loop head sees why
                 elif cls is HltExit:
                     return ("hlt", None, None, ex, None)
@@ -399,11 +412,13 @@ class Machine:
                     stop = handler(ex, vcpu)
                     if stop is not None:
                         return (stop, None, ex, ex, None)
-        except Exception as err:
-            for c in counts:
-                result.exits[c] += 0
+        except Exception as err:  # a device model bug ends this run, not the host process
             return ("error", None, None, ex, err)
         finally:
+            if n_io:
+                counts["IoExit"] += n_io
+            if n_mmio:
+                counts["MmioExit"] += n_mmio
             for name, n in counts.items():
                 result.exits[name] += n
 

@@ -163,9 +163,11 @@ def guest_has_long_mode(cpuid: Iterable[Any]) -> bool:
 
 @dataclass(frozen=True)
 class SaveSegment:
-    """A segment as saved in SMRAM. `attributes` is in the 12-bit packed form (type 0-3, S 4,
-    DPL 5-6, P 7, AVL 8, L 9, D/B 10, G 11) for both layouts; GDTR/IDTR have only base and
-    limit, and the 32-bit layout keeps no selector for them (None)."""
+    """A segment as saved in SMRAM. `attributes` is bits 8-23 of a descriptor's high dword,
+    shifted down by 8, as KVM stores them in both layouts (type 0-3, S 4, DPL 5-6, P 7, AVL 12,
+    L 13, D/B 14, G 15): the 64-bit layout's u16 attributes field, the 32-bit layout's flags
+    field >> 8. GDTR/IDTR have only base and limit; the 32-bit layout keeps no selector for
+    them (None)."""
 
     selector: int | None
     base: int
@@ -189,16 +191,20 @@ class SaveSegment:
         return self.attributes >> 7 & 1
 
     @property
+    def avl(self) -> int:
+        return self.attributes >> 12 & 1
+
+    @property
     def l(self) -> int:  # noqa: E743 - the architectural name
-        return self.attributes >> 9 & 1
+        return self.attributes >> 13 & 1
 
     @property
     def db(self) -> int:
-        return self.attributes >> 10 & 1
+        return self.attributes >> 14 & 1
 
     @property
     def g(self) -> int:
-        return self.attributes >> 11 & 1
+        return self.attributes >> 15 & 1
 
 
 # natural register order (the KVM_REG_* numbering): RAX RCX RDX RBX RSP RBP RSI RDI R8..R15
@@ -380,9 +386,10 @@ def state_save(vm: Any, smbase: int = DEFAULT_SMBASE, *, layout: int | None = No
     if layout is None:
         revision = int.from_bytes(vm.memory.read(smbase + REVISION_OFFSET, 4,
                                                  address_space=address_space), "little")
-        if revision & 0xFFFF == REVISION_64 & 0xFFFF:
+        # the high half holds feature bits (bit 17: SMBASE relocation), never 0
+        if revision >> 16 and revision & 0xFFFF == REVISION_64 & 0xFFFF:
             layout = 64
-        elif revision & 0xFFFF == REVISION_32 & 0xFFFF:
+        elif revision >> 16 and revision & 0xFFFF == REVISION_32 & 0xFFFF:
             layout = 32
         else:
             raise ValueError(f"no SMM state-save area at SMBASE {smbase:#x} (revision "

@@ -385,9 +385,13 @@ class PvDma:
     # -- what the guest is told ----------------------------------------------------------
 
     def guest_regs(self) -> dict[str, int]:
-        """Registers for the pvdma payload: R14 = the register block's port, R15 = the
-        transport (0 PIO, 1 hypercall)."""
-        return {"r14": self.port, "r15": TRANSPORT_CODES[self.transport]}
+        """Registers for the pvdma payload (guests/pvdma.S): R14 = the register block's
+        port (the guest reads the transport from it), R12 = the hypercall instruction for
+        this host's CPU vendor (0 VMCALL, 1 VMMCALL)."""
+        from .hypercall import native_instruction
+
+        return {"r14": self.port,
+                "r12": int(native_instruction(self.vm.kvm) == "vmmcall")}
 
     # -- the protocol --------------------------------------------------------------------
 

@@ -493,7 +493,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="write the passed/failed/skipped test ids here (sets PYVMM_PASSED)")
     p.add_argument("--no-overlay", action="store_true",
                    help="keep the host root strictly read-only (no tmpfs overlay)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="do not stream the console; print the command's output and the "
+                        "summary at the end")
     p.add_argument("--prepare", action="store_true",
                    help="install/download/build everything, boot nothing")
     p.add_argument("--check-skips", nargs=2, metavar=("LOCAL", "NESTED"),
@@ -544,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                             memory_mb=args.memory, env=extra, overlay=not args.no_overlay,
                             stream=quiet_stream if args.quiet else sys.stdout)
         if args.quiet:
+            sys.stdout.write(result.output)
             print(result.summary())
         return result.returncode
     except NestedSetupError as e:
