@@ -54,6 +54,7 @@ __all__ = [
     "STATE_SAVE_SIZE",
     "KVM_VCPUEVENT_VALID_SMM",
     "SaveSegment",
+    "SmmState",
     "StateSave",
     "StateSave32",
     "StateSave64",

@@ -386,6 +386,20 @@ def test_smm_self_smi_through_local_apic_icr(smm_guest):
 
 
 @SMM
+def test_smm_smi_inside_smm_is_held_until_rsm(smm_guest):
+    def on_report(g, rec):
+        if rec.tag == TAG_HANDLER and g.records[-2].key == stage(1):
+            g.vcpu.smi()                        # a second SMI while the handler runs
+            assert smm.smm_state(g.vcpu) == smm.SmmState(True, True, False, False)
+
+    g = smm_guest(flags=FLAG_REAL_ONLY)
+    g.run(on_report)
+    # RSM ends the first handler, the held SMI enters it again before the main code goes on
+    assert g.keys() == REAL_SEQUENCE[:2] + [handler(0x30000)] + REAL_SEQUENCE[2:]
+    check_smm_flags(g.records)
+
+
+@SMM
 def test_smram_invisible_outside_smm(smm_guest):
     g = smm_guest(flags=FLAG_REAL_ONLY)
     checked = []
