@@ -189,6 +189,15 @@ def test_cpl0_hypercall_on_kvm_pvm_ends_with_the_run_timeout(kvm, insn):
         assert m.memory.read(rip, 3) == VMCALL
 
 
+@pytest.mark.skipif(not ON_PVM, reason="the CPL0 hypercall hang is kvm_pvm's")
+def test_cpl0_hypercall_on_kvm_pvm_vcpu_run_timeout(kvm):
+    with Machine(kvm=kvm) as m:
+        p = m.load("hypercall", regs={"r12": 0})
+        ex = m.vcpus[0].run(timeout=0.3)
+        assert isinstance(ex, exits.IntrExit) and ex.timed_out
+        assert m.vcpus[0].get_regs().rip == p.symbol("hc_vmcall")   # not executed
+
+
 @pytest.mark.skipif(not ON_PVM, reason="both instructions #UD without the quirk on kvm_pvm")
 @pytest.mark.requires_cap(Cap.DISABLE_QUIRKS2)
 def test_kvm_pvm_without_fix_hypercall_quirk_raises_ud(kvm):

@@ -166,6 +166,30 @@ def test_register_block(ram_machine):
     assert m.pio.find(PVDMA_PORT) is None and dma.pinned_pages == 0
 
 
+def test_guest_and_host_agree_on_the_register_block():
+    from pyvmm import guests
+
+    p = guests.build("pvdma")
+    assert p.symbol("PVDMA_DEFAULT_PORT") == PVDMA_PORT
+    assert p.symbol("PVDMA_MAGIC") == PVDMA_MAGIC
+    assert p.symbol("PVDMA_REG_COMMAND") == pvdma_mod.REG_COMMAND
+    assert p.symbol("PVDMA_REG_TRANSPORT") == pvdma_mod.REG_TRANSPORT
+    assert p.symbol("PVDMA_REG_MAGIC") == pvdma_mod.REG_MAGIC
+    engine = p.symbol("PVDMA_ENGINE_PORT")
+    assert not PVDMA_PORT <= engine < PVDMA_PORT + pvdma_mod.PVDMA_LENGTH
+
+
+def test_refuses_to_replace_a_foreign_hypercall_handler(ram_machine):
+    def mine(exit, vcpu):
+        return None
+
+    ram_machine.exit_handlers[HypercallExit] = mine
+    with pytest.raises(ValueError, match="already"):
+        PvDma(ram_machine, transport="hypercall")
+    assert ram_machine.exit_handlers[HypercallExit] is mine
+    assert ram_machine.pio.find(PVDMA_PORT) is None        # nothing left behind
+
+
 def test_shares_the_machines_dispatcher(ram_machine):
     m = ram_machine
     d = HypercallDispatcher()

@@ -361,25 +361,34 @@ class PvDma:
         self.closed = False
         self.last_error: BaseException | None = None
 
-        if dispatcher is None and machine is not None:
+        current = None
+        if machine is not None:
             from ..exits import HypercallExit
             current = machine.exit_handlers.get(HypercallExit)
             owner = getattr(current, "__self__", None)
-            if isinstance(owner, HypercallDispatcher):
+            if dispatcher is None and isinstance(owner, HypercallDispatcher):
                 dispatcher = owner
+            elif current is not None and transport == "hypercall" and (
+                    dispatcher is None or owner is not dispatcher):
+                raise ValueError(f"machine.exit_handlers[HypercallExit] is already {current!r}; "
+                                 "pass that handler's HypercallDispatcher as dispatcher=")
         self.dispatcher = dispatcher if dispatcher is not None else HypercallDispatcher()
         self.dispatcher.register(KVM_HC_MAP_GPA_RANGE, self._hypercall)
+        registered = False
         try:
+            if machine is not None:
+                machine.pio.register(port, PVDMA_LENGTH, self)
+                registered = True
             if transport == "hypercall":
                 self.vm.enable_hypercall_exits(KVM_HC_MAP_GPA_RANGE)
-            if machine is not None:
-                if transport == "hypercall":
+                if machine is not None and current is None:
                     from ..exits import HypercallExit
                     machine.exit_handlers[HypercallExit] = self.dispatcher.handle
-                machine.pio.register(port, PVDMA_LENGTH, self)
             self.vm.add_close_hook(self._on_vm_close)
         except BaseException:
             self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
+            if registered:
+                machine.pio.unregister(self)
             raise
 
     # -- what the guest is told ----------------------------------------------------------
