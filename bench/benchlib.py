@@ -283,14 +283,34 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def metadata(self, impl: str) -> dict[str, str]:
-        return {"pyvmm_case": self.name, "pyvmm_impl": impl, "pyvmm_group": self.group,
+        meta = {"pyvmm_case": self.name, "pyvmm_impl": impl, "pyvmm_group": self.group,
                 "pyvmm_title": self.title, "pyvmm_target": self.target,
                 "pyvmm_unit": self.unit}
+        return {k: v for k, v in meta.items() if v}  # pyperf rejects empty values
 
 
 def _runner_args(cmd, args) -> None:
     if args.cases:
         cmd.extend(("--cases", args.cases))
+
+
+def paired(case: Case, pairs: int = 7, min_time: float = 0.04) -> dict[str, list[float]]:
+    """pyvmm and C measured alternately in this process, `pairs` times (each side for about
+    `min_time` seconds a turn), so both see the same machine load: per-pair ratios are far
+    steadier than two pyperf benchmarks run one after the other on a shared machine."""
+    assert case.scenario is not None and case.c_mode is not None
+    c_side = c_timer(case.c_mode, case.scenario, per_op=case.c_per_op)
+    case.pyvmm(1)
+    c_side(1)
+    loops = 1
+    while case.pyvmm(loops) < min_time and loops < 1 << 24:  # calibrate on the pyvmm side
+        loops *= 2
+    py, c = [], []
+    for _ in range(pairs):
+        py.append(case.pyvmm(loops) / loops)
+        c.append(c_side(loops) / loops)
+    return {"pyvmm": py, "c": c, "ratios": [a / b for a, b in zip(py, c, strict=True)],
+            "loops": [loops]}
 
 
 def main(cases: list[Case]) -> None:
@@ -300,10 +320,25 @@ def main(cases: list[Case]) -> None:
     runner.argparser.add_argument("--cases", default="",
                                   help="run only cases whose name matches this glob "
                                        "(comma-separated globs)")
+    runner.argparser.add_argument("--paired", metavar="JSON", default="",
+                                  help="instead of pyperf runs, measure pyvmm and C "
+                                       "alternately in one process and write the per-pair "
+                                       "times and ratios to JSON")
     args = runner.parse_args()
     if not args.worker and any(c.c_mode for c in cases):
         build_cref()  # once, in the master, before the workers race for it
     patterns = [p for p in args.cases.split(",") if p]
+    if args.paired:
+        import json
+
+        out = {}
+        for case in cases:
+            if patterns and not any(fnmatch.fnmatch(case.name, p) for p in patterns):
+                continue
+            if case.c_mode is not None and case.scenario is not None:
+                out[case.name] = paired(case)
+        Path(args.paired).write_text(json.dumps(out, indent=1))
+        return
     runner.metadata["pyvmm_host"] = host_description()
     for case in cases:
         if patterns and not any(fnmatch.fnmatch(case.name, p) for p in patterns):

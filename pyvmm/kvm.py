@@ -43,6 +43,15 @@ def cpuid_from_c(buf) -> list[CpuidEntry]:
             for e in (buf.entries[i] for i in range(buf.nent))]
 
 
+def cpuid_vendor(entries) -> str:
+    """The vendor string of CPUID leaf 0 in `entries` ("AuthenticAMD", ...), or ""."""
+    for entry in entries:
+        if entry.function == 0:
+            return b"".join(r.to_bytes(4, "little") for r in (entry.ebx, entry.edx, entry.ecx)
+                            ).decode("ascii", "replace")
+    return ""
+
+
 def _unavailable(path: str, err: OSError) -> KvmUnavailable:
     if err.errno == errno.ENOENT:
         why = (f"{path} does not exist: KVM is not loaded or not exposed here. Load the module "
@@ -85,6 +94,7 @@ class Kvm:
             raise KvmUnavailable(errno.EPROTO, f"{path} speaks KVM API {self.api_version}; "
                                  f"pyvmm needs {API_VERSION}")
         self._mmap_size: int | None = None
+        self._vendor: str | None = None
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -120,6 +130,17 @@ class Kvm:
     def supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: what a guest may be given with `vcpu.set_cpuid()`."""
         return self._cpuid(io.KVM_GET_SUPPORTED_CPUID)
+
+    @property
+    def cpu_vendor(self) -> str:
+        """The CPU vendor KVM offers guests ("AuthenticAMD", "GenuineIntel"), cached."""
+        if self._vendor is None:
+            self._vendor = cpuid_vendor(self.supported_cpuid())
+        return self._vendor
+
+    @property
+    def is_amd(self) -> bool:
+        return self.cpu_vendor in ("AuthenticAMD", "HygonGenuine")
 
     def emulated_cpuid(self) -> list[CpuidEntry]:
         return self._cpuid(io.KVM_GET_EMULATED_CPUID)

@@ -1,8 +1,11 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Dirty-page logging (KVM_GET_DIRTY_LOG) through `vm.dirty_log(region)`.
 
-The guest runs in real mode at CPL0, where every access is emulated, so the log is exact here
-(HOST.md: at CPL3 on kvm_pvm treat it as a superset)."""
+What the log promises: every page the guest wrote is in it, pages the guest never touched are
+not, and reading it clears it. It may also hold a page the guest only *read*: on kvm_pvm at
+CPL3 (HOST.md), and on stock KVM when the host had written the page before the guest's first
+read (KVM maps such a page writable at once and counts it dirty). The tests allow exactly
+those pages and no others."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def test_guest_writes_are_logged_exactly_and_cleared(vm):
     expect(vcpu, exits.IoExit)
     bitmap = vm.dirty_log(region)
     assert len(bitmap) == 1                          # 8 pages: one byte
-    assert bitmap.pages() == [1, 3]
+    assert {1, 3} <= set(bitmap.pages()) <= {1, 2, 3}   # 2: host-written, then read
     assert vcpu.get_regs().rbx & 0xFFFFFFFF == int.from_bytes(b"ABCD", "little")
     assert vm.dirty_log(region).pages() == []       # reading the log cleared it
 
@@ -53,7 +56,7 @@ def test_guest_writes_are_logged_exactly_and_cleared(vm):
 
 def test_large_region_bitmap_indexes(vm):
     """Page numbers in the second and third u64 words of KVM's bitmap come out right. The
-    guest's own code lives in the logged region too: fetching it does not dirty it."""
+    guest's own code lives in the logged region too."""
     region = vm.add_memory(0, 0x100000, log_dirty=True)              # 256 pages at 0
     vcpu = guest(vm, """
         movb $1, 0xc000              # page 12
@@ -69,7 +72,8 @@ def test_large_region_bitmap_indexes(vm):
     expect(vcpu, exits.HltExit)
     bitmap = vm.dirty_log(region)
     assert len(bitmap) == 256 // 8
-    assert bitmap.pages() == [12, 74, 159]
+    # Page 1 holds the code the host wrote, which the guest fetched (see the module note).
+    assert {12, 74, 159} <= set(bitmap.pages()) <= {1, 12, 74, 159}
     assert vm.memory.read(0x9FFFC, 4) == (3).to_bytes(4, "little")
 
 

@@ -158,12 +158,13 @@ def test_triple_fault_is_shutdown(vm):
     """32-bit protected mode with an empty IDT: #UD cannot be delivered, #GP neither, #DF
     neither: triple fault, KVM_EXIT_SHUTDOWN."""
     vm.add_memory(0, 0x10000)
-    vm.memory.write(LOAD, code("mov $0x42, %eax\nud2", bits=32))
+    vm.memory.write(LOAD, code("mov $0x42, %eax\nout %al, $0x10\nud2", bits=32))
     vcpu = vm.create_vcpu()
     protected_mode(vcpu, idt_limit=0)
+    assert expect(vcpu, exits.IoExit).data == b"\x42"   # the guest ran up to the fault
     ex = expect(vcpu, exits.ShutdownExit, timeout=5)
     assert ex.exit_reason == ExitReason.SHUTDOWN == 8
-    assert vcpu.get_regs().rax & 0xFF == 0x42   # the guest did run up to the fault
+    # (No register check after it: on AMD, KVM reinitialises the VMCB after a shutdown.)
 
 
 def test_readonly_slot(vm):

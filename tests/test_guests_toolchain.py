@@ -86,7 +86,7 @@ def test_shipped_payloads_build(name):
     assert p.memory_size == 0x200000
 
 
-def test_hello_image_and_symbols():
+def test_hello_image_and_symbols(tmp_path):
     p = guests.build("hello")
     assert p.mode == "real16"
     msg = b"Hello from real mode\n"
@@ -94,8 +94,9 @@ def test_hello_image_and_symbols():
     assert p.image[off:off + len(msg)] == msg
     assert p.symbols["message_len"] == len(msg)
     # the image is what objcopy made of the ELF kept in the cache
-    out = subprocess.run(["objcopy", "-O", "binary", str(p.elf_path), "/dev/stdout"],
-                         capture_output=True, check=True).stdout
+    flat = tmp_path / "hello.bin"
+    subprocess.run(["objcopy", "-O", "binary", str(p.elf_path), str(flat)], check=True)
+    out = flat.read_bytes()
     assert out == p.image
     with pytest.raises(KeyError, match="no symbol 'nope'"):
         p.symbol("nope")

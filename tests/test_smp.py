@@ -154,7 +154,7 @@ def test_runs_again_after_a_reload(kvm):
             result = m.run(timeout=30)
             assert result.ok, result
             assert result.reports[-1].value64 == k * (k + 1) // 2
-            assert [b.count - c for b, c in zip(bells, before)] == [
+            assert [b.count - c for b, c in zip(bells, before, strict=True)] == [
                 len(terms_of(i, 2, k)) for i in range(2)]
 
 

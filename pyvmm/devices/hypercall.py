@@ -94,22 +94,12 @@ def to_signed(value: int, bits: int = 64) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def cpuid_vendor(entries) -> str:
-    """The vendor string of CPUID leaf 0 in ``entries`` (kvm.supported_cpuid()), or ""."""
-    for entry in entries:
-        if entry.function == 0:
-            return b"".join(r.to_bytes(4, "little") for r in (entry.ebx, entry.edx, entry.ecx)
-                            ).decode("ascii", "replace")
-    return ""
-
-
 def native_instruction(kvm) -> str:
     """"vmmcall" on an AMD host, "vmcall" otherwise, from the CPUID vendor KVM reports.
 
     (kvm_pvm treats VMCALL as its own and patches VMMCALL to it, on AMD too; there CPL0
     hypercalls never return anyway.)"""
-    vendor = cpuid_vendor(kvm.supported_cpuid())
-    return "vmmcall" if vendor in ("AuthenticAMD", "HygonGenuine") else "vmcall"
+    return "vmmcall" if kvm.is_amd else "vmcall"
 
 
 class HypercallDispatcher:
