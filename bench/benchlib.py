@@ -110,8 +110,11 @@ class CRef:
 
     def run(self, n: int) -> tuple[float, int, int]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{n}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{n}\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has ended: reported below
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
@@ -129,6 +132,13 @@ class CRef:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
+        else:
+            for stream in (self.proc.stdin, self.proc.stdout):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
 
 
 # -- guest scenarios --------------------------------------------------------------------------

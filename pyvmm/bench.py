@@ -136,8 +136,8 @@ def fmt_time(seconds: float | None) -> str:
 def format_table(rows: list[Row]) -> str:
     by_case = {r.case: r for r in rows}
     width = max([len(r.title) for r in rows] + [9])
-    head = (f"{'benchmark':<{width}} {'pyvmm':>10} {'C':>10} {'ratio':>7} {'seed':>8}  "
-            f"target")
+    head = (f"{'benchmark':<{width}} {'pyvmm':>10} {'C':>10} {'ratio':>7} {'paired':>7} "
+            f"{'seed':>8}  target")
     out = [head, "-" * len(head)]
     group = None
     for row in rows:
@@ -146,11 +146,13 @@ def format_table(rows: list[Row]) -> str:
         group = row.group
         text, met = evaluate(row, by_case)
         verdict = "" if met is None else ("met" if met else "MISSED")
-        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        plain = (None if row.pyvmm is None or row.c is None else row.pyvmm / row.c)
+        ratio = "-" if plain is None else f"{plain:.2f}x"
+        paired = "-" if row.paired is None else f"{row.paired:.2f}x"
         seed = f"{SEED[row.case]:.2f} us" if row.case in SEED else ""
         target = f"{text}: {verdict}" if text and verdict else text
         out.append(f"{row.title:<{width}} {fmt_time(row.pyvmm):>10} {fmt_time(row.c):>10} "
-                   f"{ratio:>7} {seed:>8}  {target}")
+                   f"{ratio:>7} {paired:>7} {seed:>8}  {target}")
     return "\n".join(out)
 
 
@@ -249,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.monotonic() - start:.0f} s); compare runs with "
               f"`python -m pyperf compare_to OLD.json NEW.json`\n")
     rows = load_rows(paths)
-    print("median time per operation (ring, round trip or spawn) from pyperf; ratio = pyvmm / C,"
-          "\nthe median of 7 interleaved pyvmm/C pairs (equal machine load) where measured")
+    print("pyvmm, C: pyperf medians per operation (ring, round trip or spawn); ratio = pyvmm/C "
+          "of those;\npaired = median pyvmm/C of 7 interleaved pairs in one process (equal "
+          "machine load),\nwhich the ratio targets use")
     print(format_table(rows))
     print()
     print(hypercall_line())
