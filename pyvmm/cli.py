@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, nested."""
+"""The `pyvmm` command: info, run, demo, nested, bench."""
 
 from __future__ import annotations
 
@@ -130,10 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_nested)
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["nested"]:  # the runner parses its own options (before and after --)
+    if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
         from .testing import nested
 
         return nested.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    sub.add_parser("bench", help="pyperf benchmarks against a C reference (see `pyvmm bench -h`)")
+
     args = parser.parse_args(argv)
     from .errors import KvmUnavailable
 

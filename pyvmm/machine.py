@@ -15,7 +15,7 @@ from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus,
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from .ioevent import IoEventAddress
 from .kvm import Kvm
-from .vcpu import Vcpu
+from .vcpu import Vcpu, watchdog
 
 #: How a run ended.
 STOPS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped", "closed", "unhandled",
@@ -261,21 +261,18 @@ class Machine:
         self._stop_reason = None
         self._console.clear()
         result = RunResult(stop="stopped")
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, self.stop, args=("timeout",))
-            timer.daemon = True
         start = time.perf_counter()
-        if timer is not None:
-            timer.start()
+        # pyvmm's one watchdog thread serves the deadline: no thread is started per run.
+        token = (watchdog.arm(lambda _token: self.stop("timeout"), timeout)
+                 if timeout is not None else None)
         try:
             if len(selected) == 1:
                 outcomes = {selected[0].id: self._run_vcpu(selected[0], result)}
             else:
                 outcomes = self._run_threads(selected, result)
         finally:
-            if timer is not None:
-                timer.cancel()
+            if token is not None:
+                watchdog.disarm(token)
         result.duration = time.perf_counter() - start
         for bell in self.doorbells:  # account for rings the worker has not picked up yet
             bell._drain()

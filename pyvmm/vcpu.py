@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import ioctls as io
 from ._ffi import ffi, libc
@@ -45,6 +45,8 @@ _KVM_RUN = io.KVM_RUN
 # function by preparing a new libffi call interface on every call (about 1 us here, per exit),
 # a fixed prototype reuses one. Integer arguments are passed identically either way (libffi
 # also sets AL, the vector-register count a variadic callee reads, to 0).
+_MAP_FAILED = ffi.cast("void *", -1)
+_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 _kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(libc, "ioctl"))
 
 
@@ -59,21 +61,22 @@ def _install_kick_handler() -> None:
 _install_kick_handler()
 
 
-class _Watchdog:
-    """One thread for all run timeouts: kicks a vCPU whose deadline passes inside run()."""
+class Watchdog:
+    """One thread for every deadline in pyvmm (run timeouts of vCPUs and machines): calls
+    `callback(token)` when a deadline armed with `arm()` passes before `disarm(token)`."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Vcpu]] = []
-        self._armed: dict[int, Vcpu] = {}
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, Callable[[int], None]] = {}
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def arm(self, vcpu: Vcpu, timeout: float) -> int:
+    def arm(self, callback: Callable[[int], None], timeout: float) -> int:
         token = next(self._seq)
         with self._cond:
-            self._armed[token] = vcpu
-            heapq.heappush(self._heap, (time.monotonic() + timeout, token, vcpu))
+            self._armed[token] = callback
+            heapq.heappush(self._heap, (time.monotonic() + timeout, token))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pyvmm-watchdog",
                                                 daemon=True)
@@ -93,21 +96,24 @@ class _Watchdog:
                 if not self._heap:
                     self._cond.wait()
                     continue
-                deadline, token, vcpu = self._heap[0]
+                deadline, token = self._heap[0]
                 delay = deadline - time.monotonic()
                 if delay > 0:
                     self._cond.wait(delay)
                     continue
                 heapq.heappop(self._heap)
-                del self._armed[token]
+                callback = self._armed.pop(token)
                 self._cond.release()  # never hold the watchdog's lock while taking a vCPU's
                 try:
-                    vcpu._timeout_kick(token)
+                    callback(token)
+                except Exception:
+                    pass  # a deadline's callback must not end the thread serving all others
                 finally:
+                    del callback
                     self._cond.acquire()
 
 
-_watchdog = _Watchdog()
+watchdog = Watchdog()
 
 
 def _eat_kicks() -> None:
@@ -130,10 +136,20 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         self._fd = fd
-        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._page = memoryview(self._map)
-        self._run_ptr = ffi.from_buffer(self._page)
-        self._run = ffi.cast("struct kvm_run *", self._run_ptr)
+        self._map_size = mmap_size
+        # libc's mmap rather than Python's, which would keep a dup of the vCPU fd (and so the
+        # kernel's VM) alive for as long as any exit's data view exists. The mapping is
+        # unmapped when the last view of it goes (ffi.gc); close() swaps it for anonymous
+        # memory first, so views that outlive the vCPU stay valid but hold nothing of KVM's.
+        addr = libc.mmap(ffi.NULL, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                         fd, 0)
+        if addr == _MAP_FAILED:
+            raise OSError(ffi.errno, f"mmap of vCPU {vcpu_id}'s kvm_run failed: "
+                          f"{os.strerror(ffi.errno)}")
+        self._run_ptr = ffi.gc(addr, lambda p, n=mmap_size: libc.munmap(p, n))
+        self._page = memoryview(ffi.buffer(self._run_ptr, mmap_size))
+        # from_buffer, not cast: the struct pointer (which exits keep) holds the mapping alive.
+        self._run = ffi.from_buffer("struct kvm_run *", self._page)
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
         self._sigmask_thread: int | None = None
@@ -186,14 +202,14 @@ class Vcpu:
         if self._sigmask_thread != ident:
             # Blocked before this thread can be named as the target of a kick.
             signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
-        token = _watchdog.arm(self, timeout) if timeout is not None else None
+        token = watchdog.arm(self._timeout_kick, timeout) if timeout is not None else None
         lock = self._lock
         lock.acquire()
         if self._fd < 0 or self._closing or self._thread is not None:
             closed = self._fd < 0 or self._closing
             lock.release()
             if token is not None:
-                _watchdog.disarm(token)
+                watchdog.disarm(token)
             if closed:
                 raise ClosedError(f"vCPU {self.id} is closed")
             raise RuntimeError(f"vCPU {self.id} is already running in another thread")
@@ -222,7 +238,7 @@ class Vcpu:
                     raise KvmError(err, "KVM_RUN", self.role, f"vCPU {self.id}")
         finally:
             if token is not None:
-                _watchdog.disarm(token)
+                watchdog.disarm(token)
             lock.acquire()
             self._thread = None
             self._run_token = None
@@ -260,6 +276,8 @@ class Vcpu:
     @property
     def in_smm(self) -> bool:
         """Whether the vCPU was in System Management Mode when the last run() returned."""
+        if self._run is None:
+            raise ClosedError(f"vCPU {self.id} is closed")
         return bool(self._run.flags & KVM_RUN_X86_SMM)
 
     # -- registers -----------------------------------------------------------------------
@@ -406,16 +424,26 @@ class Vcpu:
             if self._stats is not None:
                 self._stats.close()
                 self._stats = None
-            ffi.release(self._run_ptr)
-            try:
-                self._page.release()
-                self._map.close()
-            except BufferError:
-                # An exit's data view is still alive; the page is unmapped with the last one.
-                pass
+            last = bytes(self._page)  # what views of the last exit still show after close
+            replaced = libc.mmap(self._run_ptr, self._map_size, mmap.PROT_READ | mmap.PROT_WRITE,
+                                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
+            if replaced == _MAP_FAILED:  # cannot happen short of address-space exhaustion
+                raise OSError(ffi.errno, f"cannot release vCPU {self.id}'s kvm_run mapping")
+            self._page[:] = last
             os.close(self._fd)
             self._fd = -1
+            # The old pointers go; the anonymous stand-in is unmapped with the last view.
+            self._run = self._run_ptr = self._page = None
         self.vm._forget_vcpu(self)
+
+    def _release_fd(self) -> None:
+        """Close the fds only, touching no mapped memory (for finalizers: see Vm.__del__)."""
+        if self._stats is not None:
+            self._stats.close()
+            self._stats = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> Vcpu:
         return self

@@ -456,8 +456,17 @@ class Vm:
         self.close()
 
     def __del__(self) -> None:
+        # A VM dropped without close(). In cyclic garbage, finalizers run in no set order, so
+        # a vCPU's kvm_run mapping may already be gone: only fds are closed here (the mappings
+        # and guest memory free themselves), and close hooks do not run.
         try:
-            self.close()
+            if self._fd >= 0:
+                for vcpu in list(self.vcpus.values()):
+                    vcpu._release_fd()
+                if getattr(self, "_stats", None) is not None:
+                    self._stats.close()
+                os.close(self._fd)
+                self._fd = -1
         except Exception:
             pass
 
