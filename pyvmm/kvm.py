@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from .errors import ClosedError, KvmError, KvmUnavailable
 API_VERSION = 12
 
 
-@dataclass
+@dataclass(slots=True)
 class CpuidEntry:
     """One CPUID leaf as KVM describes it (struct kvm_cpuid_entry2)."""
 
@@ -97,6 +96,7 @@ class Kvm:
         self._mmap_size: int | None = None
         self._vendor: str | None = None
         self._supported_cpuid: list[CpuidEntry] | None = None
+        self._supported_cpuid_c = None
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -135,7 +135,15 @@ class Kvm:
         fresh entries the caller may edit."""
         if self._supported_cpuid is None:
             self._supported_cpuid = self._cpuid(io.KVM_GET_SUPPORTED_CPUID)
-        return [dataclasses.replace(e) for e in self._supported_cpuid]
+        return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in self._supported_cpuid]
+
+    def supported_cpuid_buffer(self):
+        """The supported CPUID as the `struct kvm_cpuid2 *` KVM_SET_CPUID2 takes, built once:
+        what `vcpu.set_supported_cpuid()` passes, with no per-entry work per vCPU."""
+        if self._supported_cpuid_c is None:
+            self._supported_cpuid_c = cpuid_to_c(self.supported_cpuid())
+        return self._supported_cpuid_c
 
     @property
     def cpu_vendor(self) -> str:

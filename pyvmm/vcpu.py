@@ -340,6 +340,11 @@ class Vcpu:
         self._ioctl(io.KVM_SET_CPUID2, cpuid_to_c(entries))
         self.cpuid_set = True
 
+    def set_supported_cpuid(self) -> None:
+        """KVM_SET_CPUID2 with everything this KVM supports (the usual choice)."""
+        self._ioctl(io.KVM_SET_CPUID2, self.vm.kvm.supported_cpuid_buffer())
+        self.cpuid_set = True
+
     def get_cpuid(self) -> list[CpuidEntry]:
         nent = 256
         buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})

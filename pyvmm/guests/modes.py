@@ -87,10 +87,8 @@ def _set_cpuid(vcpu: Any, cpuid: Iterable[Any] | None) -> None:
         # KVM refuses a different CPUID once a vCPU has run; the one it has stays valid.
         if getattr(vcpu, "cpuid_set", False):
             return
-        kvm = getattr(getattr(vcpu, "vm", None), "kvm", None)
-        if kvm is None or not hasattr(kvm, "supported_cpuid"):
-            return
-        cpuid = kvm.supported_cpuid()
+        vcpu.set_supported_cpuid()
+        return
     vcpu.set_cpuid(cpuid)
 
 
