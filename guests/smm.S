@@ -44,35 +44,13 @@ after_stage1:
     DONE $0
 
 to_long:
-    cli
-    lgdtl gdt_desc
-    movl %cr0, %eax
-    orl $PYVMM_CR0_PE, %eax
-    movl %eax, %cr0
-    ljmpl $PYVMM_SEL_CODE32, $prot32
+    ENTER_PROT32 gdt_desc, prot32
 
     .code32
 prot32:
-    movw $PYVMM_SEL_DATA, %ax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %fs
-    movw %ax, %gs
-    movw %ax, %ss
+    FLAT_DATA_SEGMENTS
     movl $PYVMM_STACK_TOP, %esp
-    movl %cr4, %eax
-    orl $(PYVMM_CR4_PAE | PYVMM_CR4_OSFXSR | PYVMM_CR4_OSXMMEXCPT), %eax
-    movl %eax, %cr4
-    movl $PYVMM_PML4, %eax
-    movl %eax, %cr3
-    movl $PYVMM_MSR_EFER, %ecx
-    rdmsr
-    orl $PYVMM_EFER_LME, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $PYVMM_CR0_PG, %eax
-    movl %eax, %cr0
-    ljmp $PYVMM_SEL_CODE64, $long64
+    ENTER_LONG64 long64
 
     .code64
 long64:

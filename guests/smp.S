@@ -84,19 +84,7 @@ ap_prot32:
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
-    movl %cr4, %eax
-    orl $(PYVMM_CR4_PAE | PYVMM_CR4_OSFXSR | PYVMM_CR4_OSXMMEXCPT), %eax
-    movl %eax, %cr4
-    movl $PYVMM_PML4, %eax
-    movl %eax, %cr3
-    movl $PYVMM_MSR_EFER, %ecx
-    rdmsr
-    orl $PYVMM_EFER_LME, %eax
-    wrmsr
-    movl %cr0, %eax
-    orl $PYVMM_CR0_PG, %eax
-    movl %eax, %cr0
-    ljmp $PYVMM_SEL_CODE64, $ap_long64
+    ENTER_LONG64 ap_long64
 
     .code64
 ap_long64:
