@@ -326,14 +326,20 @@ def _mmio(run, page: memoryview) -> Exit:
     return MmioExit(address, length, is_write == 1, page[_MMIO_DATA: _MMIO_DATA + length])
 
 
+def _own_run(page: memoryview):
+    # An exit the host answers through kvm_run holds its own pointer into the page, which
+    # keeps the mapping alive (an export of it) for as long as the exit exists.
+    return ffi.from_buffer("struct kvm_run *", page)
+
+
 def _hypercall(run, page):
     hc = run.hypercall
-    return HypercallExit(run, hc.nr, tuple(hc.args), hc.longmode)
+    return HypercallExit(_own_run(page), hc.nr, tuple(hc.args), hc.longmode)
 
 
 def _msr(run, page):
     msr = run.msr
-    return MsrExit(run, msr.index, run.exit_reason == _R.X86_WRMSR, msr.reason)
+    return MsrExit(_own_run(page), msr.index, run.exit_reason == _R.X86_WRMSR, msr.reason)
 
 
 def _internal(run, page):

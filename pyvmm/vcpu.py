@@ -45,8 +45,6 @@ _KVM_RUN = io.KVM_RUN
 # function by preparing a new libffi call interface on every call (about 1 us here, per exit),
 # a fixed prototype reuses one. Integer arguments are passed identically either way (libffi
 # also sets AL, the vector-register count a variadic callee reads, to 0).
-_MAP_FAILED = ffi.cast("void *", -1)
-_MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)
 _kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(libc, "ioctl"))
 
 
@@ -136,19 +134,12 @@ class Vcpu:
         self.vm = vm
         self.id = vcpu_id
         self._fd = fd
-        self._map_size = mmap_size
-        # libc's mmap rather than Python's, which would keep a dup of the vCPU fd (and so the
-        # kernel's VM) alive for as long as any exit's data view exists. The mapping is
-        # unmapped when the last view of it goes (ffi.gc); close() swaps it for anonymous
-        # memory first, so views that outlive the vCPU stay valid but hold nothing of KVM's.
-        addr = libc.mmap(ffi.NULL, mmap_size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
-                         fd, 0)
-        if addr == _MAP_FAILED:
-            raise OSError(ffi.errno, f"mmap of vCPU {vcpu_id}'s kvm_run failed: "
-                          f"{os.strerror(ffi.errno)}")
-        self._run_ptr = ffi.gc(addr, lambda p, n=mmap_size: libc.munmap(p, n))
-        self._page = memoryview(ffi.buffer(self._run_ptr, mmap_size))
-        # from_buffer, not cast: the struct pointer (which exits keep) holds the mapping alive.
+        # Python's mmap counts every buffer exported from the mapping, so close() unmaps the
+        # page only when no exit's data view (or exit holding kvm_run) is left; otherwise the
+        # last of them unmaps it, and only then is the mmap's own dup of the vCPU fd (which
+        # keeps the kernel's VM alive) closed. Nothing can touch an unmapped page.
+        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._page = memoryview(self._map)
         self._run = ffi.from_buffer("struct kvm_run *", self._page)
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
@@ -429,16 +420,16 @@ class Vcpu:
             if self._stats is not None:
                 self._stats.close()
                 self._stats = None
-            last = bytes(self._page)  # what views of the last exit still show after close
-            replaced = libc.mmap(self._run_ptr, self._map_size, mmap.PROT_READ | mmap.PROT_WRITE,
-                                 mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1, 0)
-            if replaced == _MAP_FAILED:  # cannot happen short of address-space exhaustion
-                raise OSError(ffi.errno, f"cannot release vCPU {self.id}'s kvm_run mapping")
-            self._page[:] = last
+            ffi.release(self._run)
+            self._run = None
+            try:
+                self._page.release()
+                self._map.close()
+            except BufferError:
+                pass  # an exit's view is alive: the page goes with the last such view
+            self._page = self._map = None
             os.close(self._fd)
             self._fd = -1
-            # The old pointers go; the anonymous stand-in is unmapped with the last view.
-            self._run = self._run_ptr = self._page = None
         self.vm._forget_vcpu(self)
 
     def _release_fd(self) -> None:
