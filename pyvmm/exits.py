@@ -110,9 +110,11 @@ class IntrExit(Exit):
 
 
 class _RunBacked(Exit):
-    """An exit with fields the host answers through kvm_run."""
+    """An exit with fields the host answers through kvm_run. `_keep`, an empty view of the
+    vCPU's page, keeps the mapping alive for as long as the exit exists (the vCPU's close()
+    then leaves the page to the last such view), so `_run` never points at unmapped memory."""
 
-    __slots__ = ("_run",)
+    __slots__ = ("_run", "_keep")
 
 
 class HypercallExit(_RunBacked):
@@ -122,8 +124,8 @@ class HypercallExit(_RunBacked):
     __slots__ = ("args", "longmode", "nr")
     exit_reason = _R.HYPERCALL
 
-    def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int):
-        self._run, self.nr, self.args, self.longmode = run, nr, args, longmode
+    def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int, keep=None):
+        self._run, self.nr, self.args, self.longmode, self._keep = run, nr, args, longmode, keep
 
     @property
     def ret(self) -> int:
@@ -140,8 +142,9 @@ class MsrExit(_RunBacked):
 
     __slots__ = ("index", "is_write", "reason")
 
-    def __init__(self, run, index: int, is_write: bool, reason: int):
+    def __init__(self, run, index: int, is_write: bool, reason: int, keep=None):
         self._run, self.index, self.is_write, self.reason = run, index, is_write, reason
+        self._keep = keep
 
     @property
     def exit_reason(self) -> int:  # type: ignore[override]
@@ -326,20 +329,14 @@ def _mmio(run, page: memoryview) -> Exit:
     return MmioExit(address, length, is_write == 1, page[_MMIO_DATA: _MMIO_DATA + length])
 
 
-def _own_run(page: memoryview):
-    # An exit the host answers through kvm_run holds its own pointer into the page, which
-    # keeps the mapping alive (an export of it) for as long as the exit exists.
-    return ffi.from_buffer("struct kvm_run *", page)
-
-
 def _hypercall(run, page):
     hc = run.hypercall
-    return HypercallExit(_own_run(page), hc.nr, tuple(hc.args), hc.longmode)
+    return HypercallExit(run, hc.nr, tuple(hc.args), hc.longmode, page[:0])
 
 
 def _msr(run, page):
     msr = run.msr
-    return MsrExit(_own_run(page), msr.index, run.exit_reason == _R.X86_WRMSR, msr.reason)
+    return MsrExit(run, msr.index, run.exit_reason == _R.X86_WRMSR, msr.reason, page[:0])
 
 
 def _internal(run, page):

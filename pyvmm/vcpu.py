@@ -140,7 +140,8 @@ class Vcpu:
         # keeps the kernel's VM alive) closed. Nothing can touch an unmapped page.
         self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._page = memoryview(self._map)
-        self._run = ffi.from_buffer("struct kvm_run *", self._page)
+        self._run_ptr = ffi.from_buffer(self._map)
+        self._run = ffi.cast("struct kvm_run *", self._run_ptr)
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
         self._sigmask_thread: int | None = None
@@ -420,8 +421,8 @@ class Vcpu:
             if self._stats is not None:
                 self._stats.close()
                 self._stats = None
-            ffi.release(self._run)
-            self._run = None
+            ffi.release(self._run_ptr)
+            self._run = self._run_ptr = None
             try:
                 self._page.release()
                 self._map.close()
