@@ -185,7 +185,11 @@ def dump_state(scenario: Scenario, path: Path, count: int = 0) -> Path:
     with Machine(irqchip=scenario.irqchip, serial=False) as m:
         m.load(p, regs=scenario.reg_dict(count))
         vcpu = m.vcpus[0]
-        sregs, regs = vcpu.get_sregs().to_bytes(), vcpu.get_regs().to_bytes()
+        from pyvmm.guests import modes
+
+        s = vcpu.get_sregs()
+        s.tr.type = modes.tr_type(vcpu)  # as loaded, not as KVM reports it (see reset())
+        sregs, regs = s.to_bytes(), vcpu.get_regs().to_bytes()
         mem_size = sum(r.size for r in m.vm.memory.regions(0))
     pieces = [*layout.system_area(), (p.load_address, p.image)]
     write_state(path, pieces=pieces, mem_size=mem_size, reload=(p.load_address, len(p.image)),
@@ -237,16 +241,14 @@ class LoadedMachine:
         self.payload = payload(scenario.payload)
         self.machine.load(self.payload, regs=scenario.reg_dict(0))
         self.vcpu = self.machine.vcpus[0]
-        self.sregs = self.vcpu.get_sregs()
-        self.regs = self.vcpu.get_regs()
         atexit.register(self.close)
 
     def reset(self, count: int) -> None:
+        self.vcpu.complete_io()  # the last run's DONE, before its state is replaced
         self.machine.vm.memory.write(self.payload.load_address, self.payload.image)
-        self.vcpu.set_sregs(self.sregs)
-        regs = self.regs.copy()
-        setattr(regs, self.scenario.count_reg, count)
-        self.vcpu.set_regs(regs)
+        # The mode set-up again rather than the sregs read back after it: on AMD KVM reports
+        # TR as busy, which QEMU's TCG (the nested runner) then refuses for CPL3 port I/O.
+        self.payload.setup_vcpu(self.vcpu, regs=self.scenario.reg_dict(count))
 
     def run(self):
         result = self.machine.run(timeout=RUN_TIMEOUT)

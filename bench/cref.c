@@ -189,6 +189,13 @@ static void vm_reset(struct vm *v, uint64_t count, int reload)
 {
 	struct kvm_regs regs = st.regs;
 
+	/* KVM finishes the last exit's OUT (moving RIP past it) on the next KVM_RUN; run once
+	 * with immediate_exit so that it does, before the registers are replaced. */
+	v->run->immediate_exit = 1;
+	if (ioctl(v->vcpu, KVM_RUN, 0) == 0 || errno != EINTR)
+		die("KVM_RUN with immediate_exit");
+	v->run->immediate_exit = 0;
+
 	if (reload) {
 		for (uint32_t i = 0; i < st.nseg; i++)
 			if (st.seg[i].gpa == st.reload_gpa)

@@ -64,7 +64,8 @@ class IoExit(Exit):
     exit_reason = _R.IO
 
     def __init__(self, port: int, size: int, count: int, is_write: bool, data: memoryview):
-        self.port, self.size, self.count, self.is_write, self.data = port, size, count, is_write, data
+        self.port, self.size, self.count = port, size, count
+        self.is_write, self.data = is_write, data
 
     @property
     def value(self) -> int:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi
 from .caps import Cap
 from .errors import ClosedError, KvmError, KvmUnavailable
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 API_VERSION = 12
 
@@ -203,7 +207,5 @@ class Kvm:
     def __repr__(self) -> str:
         return f"Kvm({self.path!r}, api_version={self.api_version}, fd={self._fd})"
 
-
-from .vm import Vm
 
 __all__ = ["Cap", "CpuidEntry", "Kvm"]

@@ -243,6 +243,21 @@ class Vcpu:
                     _eat_kicks()
             lock.release()
 
+    def complete_io(self) -> None:
+        """Finish the last exit's I/O without entering the guest. KVM completes a PIO or
+        MMIO exit (stores an IN's data, moves RIP past the instruction) only on the next
+        KVM_RUN, and on some hosts (stock kvm_amd without next-RIP saving) RIP still points
+        at the OUT until then. Call this before reading or replacing vCPU state after such an
+        exit; it is a KVM_RUN with immediate_exit set, so the guest runs no instruction."""
+        with self._lock:
+            if self._fd < 0:
+                raise ClosedError(f"vCPU {self.id} is closed")
+            self._run.immediate_exit = 1
+        exit = self.run()
+        if not isinstance(exit, IntrExit):  # immediate_exit always gives EINTR
+            raise KvmError(errno.EPROTO, "KVM_RUN", self.role,
+                           f"expected an interrupted run, got {exit!r}")
+
     def _timeout_kick(self, token: int) -> None:
         with self._lock:
             if self._run_token != token or self._thread is None:

@@ -98,7 +98,8 @@ def protected_mode(vcpu, *, rip: int = LOAD, sp: int = STACK, idt_limit: int = 0
     IDT of `idt_limit` bytes at 0 (0: every exception escalates to a triple fault)."""
     sregs = vcpu.get_sregs()
     for seg in (sregs.cs, sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
-        seg.base, seg.limit, seg.present, seg.dpl, seg.db, seg.s, seg.g = 0, 0xFFFFFFFF, 1, 0, 1, 1, 1
+        seg.base, seg.limit, seg.present, seg.dpl = 0, 0xFFFFFFFF, 1, 0
+        seg.db, seg.s, seg.g = 1, 1, 1
         seg.selector, seg.type = 0x10, 3          # data, read/write, accessed
     sregs.cs.selector, sregs.cs.type = 0x08, 11   # code, execute/read, accessed
     sregs.idt.base, sregs.idt.limit = 0, idt_limit

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from pyvmm import Cap, IoEventAddress, Machine
+from pyvmm.testing.hostinfo import kvm_module
 from pyvmm import ioctls as io
 from pyvmm._ffi import ffi, libc
 from pyvmm.errors import ClosedError
@@ -140,8 +141,9 @@ def test_user_mode_sum_runs_natively(kvm):
             check_sum(m, bells, result, n, k)
             # native: of the AP's loop only the OUTs (the rings) went through the
             # instruction emulator, not the lock-prefixed adds
-            rings = len(terms_of(1, n, k))
-            assert rings <= m.vcpus[1].stats()["insn_emulation"] < rings + 100
+            if kvm_module() == "kvm_pvm":  # (stock KVM emulates none of them)
+                rings = len(terms_of(1, n, k))
+                assert rings <= m.vcpus[1].stats()["insn_emulation"] < rings + 100
 
 
 def test_runs_again_after_a_reload(kvm):
@@ -337,6 +339,7 @@ def test_machine_close_while_vcpu_threads_spin(kvm, spin_source):
 
 def _real_mode_out(vcpu, port: int) -> None:
     """Point `vcpu` at a two-instruction real-mode guest at 0x1000: out %al, $port; hlt."""
+    vcpu.complete_io()  # finish a previous OUT first: KVM may move RIP past it on next run
     vcpu.vm.memory.write(0x1000 + 0x10 * vcpu.id, bytes([0xE6, port, 0xF4]))
     sregs = vcpu.get_sregs()
     sregs.cs.base, sregs.cs.selector = 0, 0

@@ -139,7 +139,8 @@ def _exception_stub(vector: int) -> bytes:
 
 # The common tail: pop %rax (vector); pop %rbx (error code); mov (%rsp),%rcx (RIP);
 # mov %cr2,%rdx; out %eax,$0xED; 1: hlt; jmp 1b
-_EXC_COMMON_CODE = b"\x58\x5b\x48\x8b\x0c\x24\x0f\x20\xd2\xe7" + bytes([FAULT_PORT]) + b"\xf4\xeb\xfd"
+_EXC_COMMON_CODE = (b"\x58\x5b\x48\x8b\x0c\x24\x0f\x20\xd2\xe7" + bytes([FAULT_PORT])
+                    + b"\xf4\xeb\xfd")
 
 
 def exception_code() -> bytes:

@@ -54,7 +54,7 @@ _TSS_BUSY = 0xB  # busy 32/64-bit TSS (what KVM expects in TR)
 _TSS_AVAILABLE = 0x9
 
 
-def _tr_type(vcpu: Any) -> int:
+def tr_type(vcpu: Any) -> int:
     """The TSS type to load into TR. Intel's VM entry demands a busy TSS (11). AMD's does
     not care, and QEMU's TCG, which runs the nested runner's stock kvm_amd, refuses the I/O
     bitmap of a TR whose type is not 9 (CPL3 port I/O would #GP there), so AMD gets 9."""
@@ -120,7 +120,7 @@ def setup_vcpu(vcpu: Any, mode: str, entry: int, *, rsp: int | None = None,
     else:
         s.gdt.base, s.gdt.limit = layout.GDT, layout.GDT_LIMIT
         _seg(s.tr, selector=layout.SEL_TSS, base=layout.TSS, limit=layout.TSS_LIMIT,
-             type=_tr_type(vcpu), s=0, db=0, g=0)
+             type=tr_type(vcpu), s=0, db=0, g=0)
         s.cr4 = CR4_OSFXSR | CR4_OSXMMEXCPT
         if mode == "prot32":
             _seg(s.cs, selector=layout.SEL_CODE32, type=_CODE)

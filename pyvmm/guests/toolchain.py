@@ -2,7 +2,8 @@
 """Build guest payloads: GNU ``as`` -> ``ld`` -> ``objcopy -O binary``, with a content-hash cache.
 
 A payload source is a ``.S`` file in GNU as (AT&T) syntax. It is assembled by ``as`` directly
-(no C preprocessor), so ``#`` starts a comment. Its header is one or more comment lines of the form::
+(no C preprocessor), so ``#`` starts a comment. Its header is one or more comment lines of
+the form::
 
     # pyvmm: mode=real16 load=0x1000 entry=start memory=0x200000
 
