@@ -197,3 +197,19 @@ def test_real_mode_helper_sanity(vm):
     vcpu = vm.create_vcpu()
     real_mode(vcpu, rip=0x2000, rbx=5)
     assert vcpu.get_regs().rip == 0x2000 and vcpu.get_regs().rbx == 5
+
+
+def test_complete_io_finishes_an_in_without_running_the_guest(vm):
+    """After an IN exit KVM stores the data into AL and moves RIP on the next KVM_RUN;
+    complete_io() makes that happen without executing another guest instruction."""
+    vcpu = guest(vm, "in $0x10, %al\nout %al, $0x11\nhlt")
+    ex = expect(vcpu, exits.IoExit)
+    assert not ex.is_write and ex.port == 0x10
+    ex.data[:] = b"\x42"
+    vcpu.complete_io()
+    regs = vcpu.get_regs()
+    assert regs.rax & 0xFF == 0x42
+    assert regs.rip == LOAD + 2          # past the 2-byte IN, not past the OUT
+    assert vcpu.stats()["exits"] >= 1
+    out = expect(vcpu, exits.IoExit)     # the guest goes on at the OUT
+    assert out.port == 0x11 and out.data == b"\x42"
