@@ -199,7 +199,6 @@ def test_cpl0_hypercall_on_kvm_pvm_vcpu_run_timeout(kvm):
 
 
 @pytest.mark.skipif(not ON_PVM, reason="both instructions #UD without the quirk on kvm_pvm")
-@pytest.mark.requires_cap(Cap.DISABLE_QUIRKS2)
 def test_kvm_pvm_without_fix_hypercall_quirk_raises_ud(kvm):
     with Machine(kvm=kvm) as m:
         m.vm.disable_quirks(KVM_X86_QUIRK_FIX_HYPERCALL_INSN)
