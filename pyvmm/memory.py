@@ -21,7 +21,8 @@ class MemoryRegion:
     """One memslot: `size` bytes of host memory seen by the guest at `guest_addr`."""
 
     def __init__(self, vm: Vm, slot: int, guest_addr: int, size: int, *, readonly: bool,
-                 log_dirty: bool, address_space: int) -> None:
+                 log_dirty: bool, address_space: int,
+                 alias_of: MemoryRegion | None = None, offset: int = 0) -> None:
         self.vm = vm
         self.slot = slot
         self.guest_addr = guest_addr
@@ -29,6 +30,16 @@ class MemoryRegion:
         self.readonly = readonly
         self.log_dirty = log_dirty
         self.address_space = address_space
+        # An alias shows part of another region's host memory (say RAM in the SMM address
+        # space too, as QEMU does): it shares that mapping and never unmaps it.
+        self.alias_of = alias_of
+        self.aliases: list[MemoryRegion] = []
+        self._offset = offset
+        self.closed = False
+        if alias_of is not None:
+            self._map = alias_of._map
+            self.host_addr = alias_of.host_addr + offset
+            return
         # MAP_NORESERVE: a large guest costs only the pages it touches.
         try:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
@@ -40,7 +51,6 @@ class MemoryRegion:
         pointer = ffi.from_buffer(self._map)
         self.host_addr = address_of(pointer)
         ffi.release(pointer)
-        self.closed = False
 
     @property
     def end(self) -> int:
@@ -64,12 +74,16 @@ class MemoryRegion:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside the region of "
                              f"{self.size:#x} bytes")
-        return memoryview(self._map)[offset: offset + length]
+        start = self._offset + offset
+        return memoryview(self._map)[start: start + length]
 
     def _release(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.alias_of is not None:
+            self.alias_of.aliases.remove(self)
+            return
         try:
             self._map.close()
         except BufferError:
@@ -78,8 +92,10 @@ class MemoryRegion:
 
     def __repr__(self) -> str:
         flags = "".join(("r" if self.readonly else "w", "d" if self.log_dirty else "-"))
+        alias = (f", alias of as={self.alias_of.address_space} "
+                 f"gpa={self.alias_of.guest_addr + self._offset:#x}" if self.alias_of else "")
         return (f"MemoryRegion(slot={self.slot}, as={self.address_space}, "
-                f"gpa={self.guest_addr:#x}-{self.end:#x}, {flags})")
+                f"gpa={self.guest_addr:#x}-{self.end:#x}, {flags}{alias})")
 
 
 class GuestMemory:

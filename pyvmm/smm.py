@@ -108,6 +108,21 @@ def add_smram(vm: Any, smbase: int = DEFAULT_SMBASE, size: int = SMRAM_SIZE) -> 
     return vm.add_memory(smbase, size, address_space=SMRAM_ADDRESS_SPACE)
 
 
+def alias_ram(vm: Any, ram: Any, smbase: int = DEFAULT_SMBASE,
+              size: int = SMRAM_SIZE) -> list[Any]:
+    """Show `ram` (a region of address space 0) in SMM's address space too, except where
+    SMRAM sits, as QEMU maps a PC: the SMI handler then reaches the memory the rest of the
+    guest uses. Returns the alias regions (none where SMRAM covers `ram` entirely)."""
+    aliases = []
+    before = min(max(smbase - ram.guest_addr, 0), ram.size)
+    after = min(max(smbase + size - ram.guest_addr, 0), ram.size)
+    if before > 0:
+        aliases.append(vm.alias_memory(ram, size=before, address_space=SMRAM_ADDRESS_SPACE))
+    if after < ram.size:
+        aliases.append(vm.alias_memory(ram, offset=after, address_space=SMRAM_ADDRESS_SPACE))
+    return aliases
+
+
 def install_handler(vm: Any, code: bytes, smbase: int = DEFAULT_SMBASE) -> None:
     """Write SMI handler code at SMBASE+0x8000 in SMRAM (address space 1). The code runs in
     16-bit big real mode with CS base = SMBASE, so it must not depend on its link address

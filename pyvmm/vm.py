@@ -161,6 +161,32 @@ class Vm:
     def add_memory(self, guest_addr: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, address_space: int = 0) -> MemoryRegion:
         """Map `size` bytes of fresh anonymous host memory at guest-physical `guest_addr`."""
+        return self._add_region(guest_addr, size, readonly=readonly, log_dirty=log_dirty,
+                                address_space=address_space)
+
+    def alias_memory(self, region: MemoryRegion, guest_addr: int | None = None, *,
+                     offset: int = 0, size: int | None = None, address_space: int = 1,
+                     readonly: bool = False) -> MemoryRegion:
+        """Show `size` bytes of `region`'s host memory, from `offset`, at `guest_addr` (by
+        default where they are in `region`) in another address space: the same RAM seen
+        from SMM, as QEMU maps it, so an SMI handler can reach the memory the rest of the
+        guest uses. Writes through either are the same bytes. Remove aliases before their
+        region; closing the VM releases both."""
+        if region.vm is not self or region.closed or region.alias_of is not None:
+            raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
+        if offset < 0 or offset % PAGE_SIZE:
+            raise ValueError(f"alias offset {offset:#x} is not page-aligned")
+        size = region.size - offset if size is None else size
+        if size <= 0 or offset + size > region.size:
+            raise ValueError(f"alias {offset:#x}+{size:#x} is outside {region!r}")
+        if guest_addr is None:
+            guest_addr = region.guest_addr + offset
+        return self._add_region(guest_addr, size, readonly=readonly, log_dirty=False,
+                                address_space=address_space, alias_of=region, offset=offset)
+
+    def _add_region(self, guest_addr: int, size: int, *, readonly: bool, log_dirty: bool,
+                    address_space: int, alias_of: MemoryRegion | None = None,
+                    offset: int = 0) -> MemoryRegion:
         if guest_addr < 0 or guest_addr % PAGE_SIZE:
             raise ValueError(f"guest address {guest_addr:#x} is not page-aligned (4 KiB)")
         if size <= 0 or size % PAGE_SIZE:
@@ -190,7 +216,8 @@ class Vm:
             if slot >= self._slot_limit():
                 raise ValueError(f"no free memslot: KVM allows {self._slot_limit()}")
             region = MemoryRegion(self, slot, guest_addr, size, readonly=readonly,
-                                  log_dirty=log_dirty, address_space=address_space)
+                                  log_dirty=log_dirty, address_space=address_space,
+                                  alias_of=alias_of, offset=offset)
             try:
                 self._set_region(region.kernel_slot, flags, guest_addr, size, region.host_addr)
             except BaseException:
@@ -198,6 +225,8 @@ class Vm:
                 raise
             used.add(slot)
             self.memory._add(region)
+            if alias_of is not None:
+                alias_of.aliases.append(region)
             return region
 
     def _set_region(self, slot: int, flags: int, gpa: int, size: int, host: int) -> None:
@@ -212,6 +241,9 @@ class Vm:
         with self._lock:
             if region.vm is not self or region.closed:
                 raise ValueError(f"{region!r} is not a live region of this VM")
+            if region.aliases:
+                raise ValueError(f"{region!r} is still shown by {len(region.aliases)} alias(es): "
+                                 "remove them first")
             self._set_region(region.kernel_slot, 0, region.guest_addr, 0, 0)
             self.memory._remove(region)
             self._slots_used[region.address_space].discard(region.slot)

@@ -575,3 +575,37 @@ def test_smm_missing_gives_clear_errors(kvm, vm):
     # the SMM fields of the events are still there, and zero
     state = smm.smm_state(vcpu)
     assert not (state.smm or state.pending or state.smm_inside_nmi)
+
+
+@SMM
+def test_ram_aliased_into_smm_is_the_same_memory(vm):
+    """With the RAM outside SMRAM aliased into address space 1 (as QEMU maps it), the SMI
+    handler reads the value the host put in normal RAM and its write is seen outside SMM,
+    with no exit: one memory, two views. SMRAM itself stays private to SMM."""
+    ram = vm.add_memory(0, 0x100000)
+    base = smm.DEFAULT_SMBASE
+    smm.add_smram(vm, base)
+    aliases = smm.alias_ram(vm, ram, base)       # [0, SMBASE) and [SMBASE+64K, 1M)
+    top = base + smm.SMRAM_SIZE
+    assert [(a.guest_addr, a.size) for a in aliases] == [(0, base), (top, 0x100000 - top)]
+    vm.memory.write(0x2000, (0xAAAAAAAA).to_bytes(4, "little"))
+    smm.install_handler(vm, code("""
+        movl $0x2000, %ebx
+        addr32 movl (%ebx), %eax
+        outl %eax, $0xEA
+        addr32 movl $0x5a5a5a5a, 4(%ebx)
+        rsm
+    """, base=0))
+    vcpu = vm.create_vcpu()
+    vm.memory.write(0x1000, code("outb %al, $0xEA\nhlt"))
+    real_mode(vcpu)
+    expect(vcpu, exits.IoExit)
+    vcpu.smi()
+    expect(vcpu, exits.IoExit, timeout=30)       # the report: no MMIO exit came first
+    assert vcpu.in_smm and vcpu.get_regs().rax & 0xFFFFFFFF == 0xAAAAAAAA
+    expect(vcpu, exits.HltExit, timeout=30)
+    assert not vcpu.in_smm
+    assert vm.memory.read(0x2004, 4) == (0x5A5A5A5A).to_bytes(4, "little")
+    assert vm.memory.read(0x2004, 4, address_space=1) == (0x5A5A5A5A).to_bytes(4, "little")
+    # SMRAM is not aliased: the same address outside SMM is plain RAM
+    assert vm.memory.read(base + smm.HANDLER_OFFSET, 4) == bytes(4)

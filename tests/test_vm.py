@@ -236,3 +236,29 @@ def test_vm_stats(vm):
     stats = vm.stats()
     assert "remote_tlb_flush" in stats or "pages_4k" in stats, sorted(stats)
     assert all(isinstance(v, int) for v in stats.values())
+
+
+def test_alias_shows_the_same_host_memory_at_a_second_address(vm):
+    """alias_memory in the same address space: one host buffer behind two memslots. A guest
+    write through the alias lands in the region; removing goes alias first."""
+    ram = vm.add_memory(0, 0x10000)
+    alias = vm.alias_memory(ram, 0x20000, offset=0x2000, size=0x2000, address_space=0)
+    assert alias.alias_of is ram and alias.host_addr == ram.host_addr + 0x2000
+    vcpu = guest(vm, """
+        mov $0x2000, %ax
+        mov %ax, %es
+        movl $0xc0ffee11, %es:0x0010     # 0x20010: through the alias of 0x2010
+        movl %es:0x1000, %ebx            # 0x21000: the alias of 0x3000, which the host wrote
+        hlt
+    """)
+    vm.memory.write(0x3000, (0x600DF00D).to_bytes(4, "little"))
+    expect(vcpu, exits.HltExit)
+    assert vm.memory.read(0x2010, 4) == (0xC0FFEE11).to_bytes(4, "little")
+    assert vcpu.get_regs().rbx & 0xFFFFFFFF == 0x600DF00D
+    with pytest.raises(ValueError, match="remove them first"):
+        vm.remove_memory(ram)
+    with pytest.raises(ValueError, match="outside"):
+        vm.alias_memory(ram, 0x200000, offset=0x8000, size=0x10000, address_space=0)
+    vm.remove_memory(alias)
+    vm.remove_memory(ram)
+    assert ram.closed and alias.closed
