@@ -12,6 +12,7 @@ from enum import IntEnum
 from typing import Any
 
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
+from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from .ioevent import IoEventAddress
 from .kvm import Kvm
@@ -117,6 +118,7 @@ class Machine:
             self.exit_handlers: dict[type, ExitHandler] = {}
             self.doorbells: list[Doorbell] = []
             self.interrupts: list[Interrupt] = []
+            self._msi_routes: dict[int, tuple[int, int]] = {}
             self._worker: DoorbellWorker | None = None
             self._console = bytearray()
             self.console_sink: Callable[[bytes], None] | None = None
@@ -233,6 +235,24 @@ class Machine:
                         callback=callback, worker=self.worker if callback else None)
         self.doorbells.append(bell)
         return bell
+
+    def msi_interrupt(self, vector: int, *, address: int = MSI_ADDRESS) -> Interrupt:
+        """An irqfd whose GSI is routed to an MSI (`vector`, to local APIC 0 by default):
+        the interrupt reaches the LAPIC directly, with no IOAPIC programming in the guest.
+        Needs Machine(irqchip=True)."""
+        if not self.irqchip:
+            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
+                             "Machine(irqchip=True)")
+        data = msi_data(vector)
+        with self._lock:
+            gsi = IOAPIC_PINS + len(self._msi_routes)
+            routes = {**self._msi_routes, gsi: (address, data)}
+            self.vm.set_gsi_routing(default_routes() + [("msi", g, a, d) for g, (a, d)
+                                                        in sorted(routes.items())])
+            self._msi_routes = routes
+        irq = Interrupt(self.vm, gsi)
+        self.interrupts.append(irq)
+        return irq
 
     def interrupt(self, gsi: int) -> Interrupt:
         """An irqfd on `gsi` (needs Machine(irqchip=True))."""

@@ -42,3 +42,22 @@ def test_missing_interrupt_is_caught_by_the_timeout(kvm):
 def test_interrupt_needs_irqchip(kvm):
     with Machine(kvm=kvm) as m, pytest.raises(ValueError, match="irqchip"):
         m.interrupt(5)
+
+
+def test_msi_interrupts_reach_the_guest(kvm):
+    """The same round trip with the irqfd's GSI routed to an MSI (vector 0x40 straight to the
+    local APIC): the guest's IOAPIC programming of pin 23 is then unused."""
+    rounds = 200
+    with Machine(kvm=kvm, irqchip=True) as m:
+        irq = m.msi_interrupt(0x40)
+        assert irq.gsi >= 24
+        second = m.msi_interrupt(0x41)   # a second route keeps the first one in the table
+        bell = m.doorbell(IoEventAddress.pio(PORT), length=1,
+                          callback=lambda b, n: [irq.trigger() for _ in range(n)])
+        m.load("pingpong", regs={"rcx": rounds, "r8": PORT, "r9": 23})
+        result = m.run(timeout=60)
+        assert result.ok, result
+        assert [r.value for r in result.reports if r.tag == 0x99] == [rounds]
+        assert bell.count == irq.count == rounds and second.count == 0
+        with pytest.raises(ValueError, match="16..255"):
+            m.msi_interrupt(3)

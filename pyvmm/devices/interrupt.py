@@ -11,6 +11,31 @@ if TYPE_CHECKING:
     from ..vm import Vm
 
 
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+IOAPIC_PINS = 24
+MSI_ADDRESS = 0xFEE00000  # an MSI to local APIC 0, physical destination
+
+
+def default_routes() -> list[tuple]:
+    """The GSI routing KVM_CREATE_IRQCHIP installs on x86: GSIs 0-15 to the 8259s and the
+    IOAPIC, 16-23 to the IOAPIC only. KVM_SET_GSI_ROUTING replaces the whole table, so a
+    table with MSI routes must carry these too."""
+    routes: list[tuple] = []
+    for gsi in range(IOAPIC_PINS):
+        routes.append(("irqchip", gsi, KVM_IRQCHIP_IOAPIC, gsi))
+        if gsi < 16:
+            chip = KVM_IRQCHIP_PIC_MASTER if gsi < 8 else KVM_IRQCHIP_PIC_SLAVE
+            routes.append(("irqchip", gsi, chip, gsi % 8))
+    return routes
+
+
+def msi_data(vector: int) -> int:
+    """MSI data for a fixed, edge-triggered interrupt on `vector`."""
+    if not 16 <= vector <= 255:
+        raise ValueError(f"MSI vector {vector} is outside 16..255")
+    return vector
+
+
 class Interrupt:
     """`trigger()` raises GSI `gsi` (edge: the kernel pulses the line) without an ioctl."""
 
