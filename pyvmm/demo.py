@@ -41,6 +41,16 @@ class DemoRow:
 
 
 PATHS = ("userspace MMIO", "userspace PIO", "ioeventfd MMIO", "ioeventfd PIO")
+HYPERCALL_PATH = "hypercall"
+
+
+def hypercalls_reach_userspace(kvm: Kvm) -> tuple[bool, str]:
+    """Whether this host forwards KVM_HC_MAP_GPA_RANGE to userspace, and why (not)."""
+    from .devices.pvdma import default_transport
+
+    with kvm.create_vm() as vm:
+        transport, why = default_transport(vm)
+    return transport == "hypercall", why
 
 
 def ring(path: str, mode: str, rings: int, *, kvm: Kvm | None = None,
@@ -49,7 +59,26 @@ def ring(path: str, mode: str, rings: int, *, kvm: Kvm | None = None,
     payload = "doorbell" if mode == "cpl0" else "doorbell_user"
     mmio = "MMIO" in path
     with Machine(kvm=kvm, serial=False) as m:
-        if path.startswith("userspace"):
+        space = 1 if mmio else 0
+        extra: dict[str, int] = {}
+        if path == HYPERCALL_PATH:
+            from .devices.hypercall import HypercallDispatcher, native_instruction
+            from .exits import HypercallExit
+
+            calls = [0]
+
+            def serve(*args):
+                calls[0] += 1
+                return 0
+
+            dispatcher = HypercallDispatcher()
+            dispatcher.register(12, serve)   # KVM_HC_MAP_GPA_RANGE
+            m.vm.enable_hypercall_exits(12)
+            m.exit_handlers[HypercallExit] = dispatcher.handle
+            count = lambda: calls[0]  # noqa: E731
+            space = 2
+            extra = {"r12": 1 if native_instruction(m.kvm) == "vmmcall" else 0}
+        elif path.startswith("userspace"):
             device = Counter()
             if mmio:
                 m.mmio.register(DOORBELL_MMIO, 8, device)
@@ -61,8 +90,8 @@ def ring(path: str, mode: str, rings: int, *, kvm: Kvm | None = None,
                        else IoEventAddress.pio(DOORBELL_PORT))
             bell = m.doorbell(address, length=width)
             count = lambda: bell.count
-        m.load(payload, regs={"rcx": rings, "rdi": 1 if mmio else 0, "r10": width,
-                              "rsi": 1, "r8": DOORBELL_PORT, "r9": DOORBELL_MMIO})
+        m.load(payload, regs={"rcx": rings, "rdi": space, "r10": width, "rsi": 1,
+                              "r8": DOORBELL_PORT, "r9": DOORBELL_MMIO, **extra})
         before = m.vcpus[0].stats()["exits"]
         result = m.run(timeout=120)
         kernel_exits = m.vcpus[0].stats()["exits"] - before
@@ -76,21 +105,28 @@ def ring(path: str, mode: str, rings: int, *, kvm: Kvm | None = None,
 def run_demo(rings: int = 20000, modes: tuple[str, ...] = ("cpl0", "cpl3")) -> list[DemoRow]:
     rows = []
     with Kvm() as kvm:
+        hypercalls, _why = hypercalls_reach_userspace(kvm)
         for mode in modes:
             for path in PATHS:
                 rows.append(ring(path, mode, rings, kvm=kvm))
+            if hypercalls and mode == "cpl0":  # hypercalls from CPL3 get -KVM_EPERM
+                rows.append(ring(HYPERCALL_PATH, mode, rings, kvm=kvm))
     return rows
 
 
 def hypercall_note() -> str:
     from .testing.hostinfo import kvm_module
 
+    with Kvm() as kvm:
+        works, why = hypercalls_reach_userspace(kvm)
+    if works:
+        return ("hypercall path: a VMCALL/VMMCALL of KVM_HC_MAP_GPA_RANGE per ring, forwarded "
+                "to a Python handler (CPL0 only: from CPL3 KVM answers -KVM_EPERM).")
     if kvm_module() == "kvm_pvm":
         return ("hypercall path: not on this host. kvm_pvm cannot deliver hypercalls to "
                 "userspace (VMCALL at CPL0 never returns; see shared/HOST.md). Stock KVM can: "
                 "run it inside `pyvmm nested`.")
-    return ("hypercall path: not measured yet (the hypercall transport is its own issue); "
-            "this host's KVM may support it.")
+    return f"hypercall path: not on this host: {why}."
 
 
 MODE_TITLES = {
