@@ -44,6 +44,11 @@ class Exit:
         args = ", ".join(f"{k}={_fmt(v)}" for k, v in self._fields().items())
         return f"{type(self).__name__}({args})"
 
+    def detached(self) -> Exit:
+        """This exit with no reference into the vCPU's kvm_run page (data copied), to keep
+        after the next run() or after the vCPU is closed."""
+        return self
+
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
 
@@ -67,6 +72,10 @@ class IoExit(Exit):
         self.port, self.size, self.count = port, size, count
         self.is_write, self.data = is_write, data
 
+    def detached(self) -> IoExit:
+        return IoExit(self.port, self.size, self.count, self.is_write,
+                      memoryview(bytearray(self.data)))
+
     @property
     def value(self) -> int:
         """The data as a little-endian integer (for a single, non-string access)."""
@@ -81,6 +90,10 @@ class MmioExit(Exit):
 
     def __init__(self, address: int, length: int, is_write: bool, data: memoryview):
         self.address, self.length, self.is_write, self.data = address, length, is_write, data
+
+    def detached(self) -> MmioExit:
+        return MmioExit(self.address, self.length, self.is_write,
+                        memoryview(bytearray(self.data)))
 
     @property
     def value(self) -> int:
@@ -116,6 +129,17 @@ class _RunBacked(Exit):
     then leaves the page to the last such view), so `_run` never points at unmapped memory."""
 
     __slots__ = ("_run", "_keep")
+
+    def detached(self) -> Exit:
+        copy = object.__new__(type(self))
+        for cls in type(self).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if hasattr(self, name):
+                    object.__setattr__(copy, name, getattr(self, name))
+        private = ffi.new("struct kvm_run *")          # its own copy of the exit's fields
+        ffi.memmove(private, self._run, ffi.sizeof("struct kvm_run"))
+        copy._run, copy._keep = private, None
+        return copy
 
 
 class HypercallExit(_RunBacked):

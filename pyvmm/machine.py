@@ -128,6 +128,8 @@ class Machine:
                 self.pio.register(COM1, SerialConsole.length, self.serial)
             self.payload = None
             self._stop_reason: str | None = None
+            self._running = False
+            self._generation = 0
             self._lock = threading.Lock()
             if memory_size:
                 self.vm.add_memory(0, memory_size)
@@ -266,24 +268,37 @@ class Machine:
     # -- running -------------------------------------------------------------------------
 
     def stop(self, reason: str = "stopped") -> None:
-        """End run() from any thread (a device callback, a signal handler, a timer)."""
+        """End the run() in progress, or the next one if none is, from any thread (a device
+        callback, a signal handler, a timer)."""
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
         for vcpu in self.vcpus:
             vcpu.kick()
 
+    def _timeout(self, generation: int) -> None:
+        # A deadline applies to the run() that armed it only, never to a later one.
+        with self._lock:
+            if generation != self._generation or not self._running:
+                return
+        self.stop("timeout")
+
     def run(self, timeout: float | None = 10.0, *, vcpus: list[int] | None = None) -> RunResult:
         """Run the vCPUs (vCPU 0 in this thread when it is the only one; one thread each
         otherwise) until the guest is done, fails, stops, or `timeout` seconds pass."""
         selected = [self.vcpus[i] for i in (vcpus if vcpus is not None else
                                             range(len(self.vcpus)))]
-        self._stop_reason = None
+        with self._lock:
+            if self._running:
+                raise RuntimeError("this machine is already running")
+            self._running = True
+            self._generation += 1
+            generation = self._generation
         self._console.clear()
         result = RunResult(stop="stopped")
         start = time.perf_counter()
         # pyvmm's one watchdog thread serves the deadline: no thread is started per run.
-        token = (watchdog.arm(lambda _token: self.stop("timeout"), timeout)
+        token = (watchdog.arm(lambda _token: self._timeout(generation), timeout)
                  if timeout is not None else None)
         try:
             if len(selected) == 1:
@@ -293,9 +308,14 @@ class Machine:
         finally:
             if token is not None:
                 watchdog.disarm(token)
+            with self._lock:
+                self._running = False
+                self._stop_reason = None  # a stop() from now on is for the next run
         result.duration = time.perf_counter() - start
-        for bell in self.doorbells:  # account for rings the worker has not picked up yet
-            bell._drain()
+        for bell in self.doorbells:
+            # Rings the worker has not picked up yet: counted, and their callbacks run (one
+            # batch at a time with the worker's), so the result accounts for every ring.
+            bell._drain(deliver=True)
         self._merge(result, outcomes)
         result.console = self.console
         if self._worker is not None and self._worker.errors and result.error is None:
@@ -366,6 +386,12 @@ class Machine:
             vcpu_id = next((i for i in sorted(outcomes) if outcomes[i][1]), min(outcomes))
             chosen = (vcpu_id, outcomes[vcpu_id])
         vcpu_id, (stop, status, event, last_exit, error) = chosen
+        # Detached copies: the live exits view the vCPU's kvm_run page, and a result that
+        # outlives the machine must not keep that mapping (and the kernel's VM) alive.
+        if isinstance(event, Exit):
+            event = event.detached()
+        if last_exit is not None:
+            last_exit = last_exit.detached()
         result.stop, result.status, result.event = stop, status, event
         result.last_exit, result.error, result.vcpu = last_exit, error, vcpu_id
 

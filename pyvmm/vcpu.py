@@ -40,6 +40,7 @@ KVM_RUN_X86_SMM = 1
 _ZERO = ffi.cast("unsigned long", 0)
 _EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
 _get_ident = threading.get_ident
+_thread_state = threading.local()  # .token: this thread blocks the kick signal
 _KVM_RUN = io.KVM_RUN
 # KVM_RUN through a non-variadic function pointer to libc's ioctl: cffi calls a variadic
 # function by preparing a new libffi call interface on every call (about 1 us here, per exit),
@@ -72,19 +73,27 @@ class Watchdog:
 
     def arm(self, callback: Callable[[int], None], timeout: float) -> int:
         token = next(self._seq)
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._armed[token] = callback
-            heapq.heappush(self._heap, (time.monotonic() + timeout, token))
+            earliest = not self._heap or deadline < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline, token))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="pyvmm-watchdog",
                                                 daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if earliest:  # otherwise the thread already sleeps less than this deadline
+                self._cond.notify()
         return token
 
     def disarm(self, token: int) -> None:
         with self._cond:
             self._armed.pop(token, None)
+            # Disarmed entries leave the heap lazily; keep them from piling up under a
+            # long-lived earlier deadline.
+            if len(self._heap) > 64 and len(self._heap) > 2 * len(self._armed):
+                self._heap = [e for e in self._heap if e[1] in self._armed]
+                heapq.heapify(self._heap)
 
     def _loop(self) -> None:
         with self._cond:
@@ -144,7 +153,7 @@ class Vcpu:
         self._run = ffi.cast("struct kvm_run *", self._run_ptr)
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
-        self._sigmask_thread: int | None = None
+        self._sigmask_owner: object | None = None  # the thread whose mask KVM has
         # Kick bookkeeping, all under _lock: the run()'s watchdog token, whether its timeout
         # fired, and whether a kick() from the application is outstanding.
         self._run_token: int | None = None
@@ -175,7 +184,7 @@ class Vcpu:
 
     # -- running -------------------------------------------------------------------------
 
-    def _prepare_thread(self, ident: int) -> None:
+    def _prepare_thread(self, thread_token: object) -> None:
         # Called once this thread owns the vCPU (another thread's KVM_RUN would block the
         # ioctl) and after the kick signal is already blocked here.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
@@ -183,48 +192,71 @@ class Vcpu:
         req = ffi.new("struct kvm_signal_mask *", {"len": 8, "sigset": 8})
         ffi.memmove(req.sigset, _sigset_bytes(inside), 8)
         self._ioctl(io.KVM_SET_SIGNAL_MASK, req)
-        self._sigmask_thread = ident
+        self._sigmask_owner = thread_token
 
     def run(self, timeout: float | None = None) -> Exit:
         """KVM_RUN once; returns the typed exit. With `timeout` (seconds), a guest still
         running then is kicked and `IntrExit(timed_out=True)` comes back."""
+        return self._enter(timeout, False)
+
+    def complete_io(self) -> None:
+        """Finish the last exit's I/O without entering the guest. KVM completes a PIO or
+        MMIO exit (stores an IN's data, moves RIP past the instruction) only on the next
+        KVM_RUN, and on some hosts (stock kvm_amd without next-RIP saving) RIP still points
+        at the OUT until then. Call this before reading or replacing vCPU state after such an
+        exit; it is a KVM_RUN with immediate_exit set, so the guest runs no instruction. A
+        kick() still outstanding stays outstanding for the next run()."""
+        exit = self._enter(None, True)
+        if not isinstance(exit, IntrExit):  # immediate_exit always gives EINTR
+            raise KvmError(errno.EPROTO, "KVM_RUN", self.role,
+                           f"expected an interrupted run, got {exit!r}")
+
+    def _enter(self, timeout: float | None, complete_only: bool) -> Exit:
         # The hot path of every exit: the lock is taken with acquire()/release() rather than
         # `with`, and KVM_RUN goes through _kvm_run (see there), not the variadic libc.ioctl.
-        ident = _get_ident()
-        if self._sigmask_thread != ident:
-            # Blocked before this thread can be named as the target of a kick.
+        tls = _thread_state
+        thread_token = getattr(tls, "token", None)
+        if thread_token is None:
+            # Blocked before this thread can be named as the target of a kick. Per thread,
+            # not per thread id: Python reuses the ids of threads that have ended.
             signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
-        token = watchdog.arm(self._timeout_kick, timeout) if timeout is not None else None
+            thread_token = tls.token = object()
+        ident = _get_ident()
         lock = self._lock
         lock.acquire()
         if self._fd < 0 or self._closing or self._thread is not None:
             closed = self._fd < 0 or self._closing
             lock.release()
-            if token is not None:
-                watchdog.disarm(token)
             if closed:
                 raise ClosedError(f"vCPU {self.id} is closed")
             raise RuntimeError(f"vCPU {self.id} is already running in another thread")
         self._thread = ident
-        self._run_token = token
-        lock.release()
+        # Armed only now that the run is ours, so a short deadline cannot fire before the
+        # run() it belongs to is registered (lock order: vCPU, then watchdog).
+        token = self._run_token = (watchdog.arm(self._timeout_kick, timeout)
+                                   if timeout is not None else None)
         run = self._run
-        interrupted = False
+        if complete_only:
+            run.immediate_exit = 1
+        lock.release()
         try:
-            if self._sigmask_thread != ident:
-                self._prepare_thread(ident)
+            if self._sigmask_owner is not thread_token:
+                self._prepare_thread(thread_token)
             fd, page = self._fd, self._page
             while True:
                 if _kvm_run(fd, _KVM_RUN, 0) >= 0:
                     return decode(run, page)
                 err = ffi.errno
                 if err == _EINTR:
-                    interrupted = True
                     with lock:
-                        run.immediate_exit = 0
                         _eat_kicks()
                         timed_out = self._timeout_fired
-                        self._timeout_fired = self._kick_pending = False
+                        self._timeout_fired = False
+                        if complete_only and self._kick_pending:
+                            run.immediate_exit = 1      # the application's kick is kept
+                        else:
+                            run.immediate_exit = 0
+                            self._kick_pending = False
                     return IntrExit(timed_out)
                 if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
                     raise KvmError(err, "KVM_RUN", self.role, f"vCPU {self.id}")
@@ -234,29 +266,15 @@ class Vcpu:
             lock.acquire()
             self._thread = None
             self._run_token = None
-            if self._timeout_fired and not interrupted:
-                # The timeout fired as the guest exited on its own: withdraw that kick so
-                # it cannot end the next run(), unless the application kicked too.
+            if self._timeout_fired:
+                # The timeout fired after the run ended (on its own, or by an EINTR already
+                # handled): withdraw that kick so it cannot end the next run(), unless the
+                # application kicked too.
                 self._timeout_fired = False
                 if not self._kick_pending:
                     run.immediate_exit = 0
                     _eat_kicks()
             lock.release()
-
-    def complete_io(self) -> None:
-        """Finish the last exit's I/O without entering the guest. KVM completes a PIO or
-        MMIO exit (stores an IN's data, moves RIP past the instruction) only on the next
-        KVM_RUN, and on some hosts (stock kvm_amd without next-RIP saving) RIP still points
-        at the OUT until then. Call this before reading or replacing vCPU state after such an
-        exit; it is a KVM_RUN with immediate_exit set, so the guest runs no instruction."""
-        with self._lock:
-            if self._fd < 0:
-                raise ClosedError(f"vCPU {self.id} is closed")
-            self._run.immediate_exit = 1
-        exit = self.run()
-        if not isinstance(exit, IntrExit):  # immediate_exit always gives EINTR
-            raise KvmError(errno.EPROTO, "KVM_RUN", self.role,
-                           f"expected an interrupted run, got {exit!r}")
 
     def _timeout_kick(self, token: int) -> None:
         with self._lock:

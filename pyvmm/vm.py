@@ -59,6 +59,7 @@ class Vm:
         self._hypercall_exits = 0      # KVM_CAP_EXIT_HYPERCALL mask enabled so far
         self._disabled_quirks = 0      # KVM_CAP_DISABLE_QUIRKS2 mask disabled so far
         self._close_hooks: list[Callable[[Vm], object]] = []
+        self._remove_guards: list[Callable[[MemoryRegion], str | None]] = []
         self.close_hook_errors: list[BaseException] = []
 
     # -- basics --------------------------------------------------------------------------
@@ -150,6 +151,16 @@ class Vm:
             self.fileno()
             self._close_hooks.append(hook)
         return hook
+
+    def add_remove_guard(self, guard: Callable[[MemoryRegion], str | None]
+                         ) -> Callable[[MemoryRegion], str | None]:
+        """`guard(region)` is asked before `remove_memory(region)`; a string it returns is
+        the reason the removal is refused (a device still using the region's pages)."""
+        if not callable(guard):
+            raise TypeError("a remove guard must be callable")
+        with self._lock:
+            self._remove_guards.append(guard)
+        return guard
 
     # -- memory --------------------------------------------------------------------------
 
@@ -244,6 +255,10 @@ class Vm:
             if region.aliases:
                 raise ValueError(f"{region!r} is still shown by {len(region.aliases)} alias(es): "
                                  "remove them first")
+            for guard in self._remove_guards:
+                reason = guard(region)
+                if reason:
+                    raise ValueError(f"{region!r} cannot be removed: {reason}")
             self._set_region(region.kernel_slot, 0, region.guest_addr, 0, 0)
             self.memory._remove(region)
             self._slots_used[region.address_space].discard(region.slot)

@@ -418,3 +418,17 @@ def test_hypercall_mapping_released_at_vm_close(userspace_hypercalls, baseline):
     finally:
         m.close()
     assert locked_pages() == baseline and dma.pinned_pages == 0
+
+
+def test_memory_with_live_mappings_cannot_be_removed(ram_machine, baseline):
+    """Removing a region whose pages a mapping pins is refused (the pins would otherwise
+    outlive the memory and mislead the next mapping at the same host address)."""
+    m = ram_machine
+    dma = PvDma(m, transport="pio")
+    region = m.memory.find(0x100000)
+    dma.map(0x100000, 2)
+    with pytest.raises(ValueError, match="PV-DMA mapping"):
+        m.vm.remove_memory(region)
+    dma.unmap(0x100000, 2)
+    m.vm.remove_memory(region)
+    assert locked_pages() == baseline

@@ -16,6 +16,9 @@ from typing import Protocol
 
 from ..errors import GuestError
 
+#: GuestErrors kept per bus (all are counted): a guest cannot grow the host's memory.
+MAX_KEPT_ERRORS = 16
+
 
 class Device(Protocol):
     def read(self, offset: int, size: int) -> bytes: ...
@@ -42,11 +45,13 @@ class Bus:
         self.name = name
         self.size = size
         self._lock = threading.Lock()
-        self._mappings: tuple[Mapping, ...] = ()
-        self._bases: tuple[int, ...] = ()
+        # (bases, mappings), replaced whole under the lock and read once per dispatch, so a
+        # vCPU thread never pairs the bases of one version with the mappings of another.
+        self._snapshot: tuple[tuple[int, ...], tuple[Mapping, ...]] = ((), ())
         self.unclaimed_reads = 0
         self.unclaimed_writes = 0
-        self.guest_errors: list[GuestError] = []
+        self.guest_errors: list[GuestError] = []   # the first MAX_KEPT_ERRORS
+        self.guest_error_count = 0
 
     def register(self, base: int, length: int, device: Device) -> Mapping:
         if length <= 0:
@@ -59,35 +64,44 @@ class Bus:
             raise TypeError("a device needs read(offset, size) and write(offset, data)")
         mapping = Mapping(base, length, device)
         with self._lock:
-            for other in self._mappings:
+            current = self._snapshot[1]
+            for other in current:
                 if other.base < mapping.end and base < other.end:
                     raise ValueError(f"{self.name}: range {base:#x}+{length:#x} overlaps "
                                      f"{type(other.device).__name__} at "
                                      f"{other.base:#x}+{other.length:#x}")
-            mappings = sorted(self._mappings + (mapping,), key=lambda m: m.base)
-            self._mappings = tuple(mappings)
-            self._bases = tuple(m.base for m in mappings)
+            self._publish(current + (mapping,))
         return mapping
+
+    def _publish(self, mappings) -> None:
+        mappings = tuple(sorted(mappings, key=lambda m: m.base))
+        self._snapshot = (tuple(m.base for m in mappings), mappings)
 
     def unregister(self, device_or_mapping) -> None:
         with self._lock:
-            keep = tuple(m for m in self._mappings
+            current = self._snapshot[1]
+            keep = tuple(m for m in current
                          if m is not device_or_mapping and m.device is not device_or_mapping)
-            if len(keep) == len(self._mappings):
+            if len(keep) == len(current):
                 raise ValueError(f"{self.name}: {device_or_mapping!r} is not registered")
-            self._mappings = keep
-            self._bases = tuple(m.base for m in keep)
+            self._publish(keep)
 
     def find(self, address: int, size: int = 1) -> Mapping | None:
-        i = bisect.bisect_right(self._bases, address) - 1
+        bases, mappings = self._snapshot
+        i = bisect.bisect_right(bases, address) - 1
         if i >= 0:
-            mapping = self._mappings[i]
-            if address + size <= mapping.end:
+            mapping = mappings[i]
+            if mapping.base <= address and address + size <= mapping.end:
                 return mapping
         return None
 
     def devices(self) -> list[Mapping]:
-        return list(self._mappings)
+        return list(self._snapshot[1])
+
+    def _guest_error(self, err: GuestError) -> None:
+        self.guest_error_count += 1
+        if len(self.guest_errors) < MAX_KEPT_ERRORS:
+            self.guest_errors.append(err)
 
     # -- dispatch ------------------------------------------------------------------------
 
@@ -99,7 +113,7 @@ class Bus:
         try:
             data = mapping.device.read(address - mapping.base, size)
         except GuestError as err:
-            self.guest_errors.append(err)
+            self._guest_error(err)
             return b"\xff" * size
         if len(data) != size:
             raise ValueError(f"{type(mapping.device).__name__}.read returned {len(data)} bytes "
@@ -108,15 +122,16 @@ class Bus:
 
     def write(self, address: int, data: bytes) -> None:
         # find(), inlined: this runs on every userspace write exit.
-        i = _bisect_right(self._bases, address) - 1
-        mapping = self._mappings[i] if i >= 0 else None
+        bases, mappings = self._snapshot
+        i = _bisect_right(bases, address) - 1
+        mapping = mappings[i] if i >= 0 else None
         if mapping is None or address + len(data) > mapping.end:
             self.unclaimed_writes += 1
             return
         try:
             mapping.device.write(address - mapping.base, data)
         except GuestError as err:
-            self.guest_errors.append(err)
+            self._guest_error(err)
 
     def handle_io(self, exit) -> None:
         """Serve an IoExit, one element at a time for string I/O."""

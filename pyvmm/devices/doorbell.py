@@ -30,7 +30,9 @@ MAX_KEPT_ERRORS = 16
 class Doorbell:
     """An eventfd registered with KVM_IOEVENTFD at `address` (wildcard length 0, or 1/2/4/8
     bytes, optionally only for writes of `datamatch`). `count` is the exact number of rings
-    so far; `callback(doorbell, rings)` runs for each batch of rings the worker picks up."""
+    so far; `callback(doorbell, rings)` runs for every ring, in batches, one batch at a
+    time: in the worker's thread when the doorbell has a worker (rings that a reader of
+    `count` took from the eventfd are handed to the worker), else in the reading thread."""
 
     def __init__(self, vm: Vm, address: IoEventAddress, *, length: int = 0,
                  datamatch: int | None = None, callback: Callback | None = None,
@@ -42,16 +44,23 @@ class Doorbell:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._count = 0
+        self._undelivered = 0                  # rings counted but not yet given to callback
+        self._deliver_lock = threading.Lock()  # one callback batch at a time
+        self.worker = worker
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        registered = False
         try:
             vm.register_ioevent(self._fd, address, length=length, datamatch=datamatch)
+            registered = True
+            self.address, self.length, self.datamatch = address, length, datamatch
+            if worker is not None:
+                worker.add(self)
         except BaseException:
+            if registered:
+                vm.unregister_ioevent(self._fd, address, length=length, datamatch=datamatch)
             os.close(self._fd)
+            self._fd = -1
             raise
-        self.address, self.length, self.datamatch = address, length, datamatch
-        self.worker = worker
-        if worker is not None:
-            worker.add(self)
 
     def fileno(self) -> int:
         return self._fd
@@ -62,20 +71,39 @@ class Doorbell:
 
     # -- counting ------------------------------------------------------------------------
 
-    def _drain(self) -> int:
-        """Move the rings pending in the eventfd into the count; run the callback for them.
-        Called by the worker, and by readers of `count` so the count is exact at any time."""
+    def _drain(self, deliver: bool | None = None) -> int:
+        """Move the rings pending in the eventfd into the count, so it is exact at any time.
+        Callbacks run here only when `deliver` (the worker; or, with no worker, any caller);
+        otherwise the rings are left for the worker to deliver."""
         with self._lock:
             if self._fd < 0:
                 return 0
             try:
                 rings = os.eventfd_read(self._fd)
             except BlockingIOError:
-                return 0
+                rings = 0
             self._count += rings
-            self._cond.notify_all()
+            if self.callback is not None:
+                self._undelivered += rings
+            if rings:
+                self._cond.notify_all()
+        if deliver is None:
+            deliver = self.worker is None
+        if deliver:
+            self._deliver()
+        elif rings and self.callback is not None:
+            self.worker.poke(self)
+        return rings
+
+    def _deliver(self) -> None:
         callback = self.callback
-        if callback is not None:
+        if callback is None:
+            return
+        with self._deliver_lock:
+            with self._lock:
+                rings, self._undelivered = self._undelivered, 0
+            if not rings:
+                return
             try:
                 callback(self, rings)
             except Exception as err:  # a device bug must not stop the doorbells
@@ -86,7 +114,6 @@ class Doorbell:
                     self.worker._report(self, err)
                 else:
                     log.exception("doorbell callback failed for %s", self.address)
-        return rings
 
     @property
     def count(self) -> int:
@@ -105,14 +132,15 @@ class Doorbell:
                 if self._count >= target:
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
+                if self._fd < 0 or (remaining is not None and remaining <= 0):
+                    return False  # removed (no ring can come any more), or out of time
+                fd = self._fd
                 if self.worker is not None and self.worker.running:
                     # The worker drains and notifies; the slice bounds a lost notification.
                     self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
                     continue
             poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
+            poller.register(fd, select.POLLIN)
             poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
 
     async def wait_async(self, count: int | None = None, timeout: float | None = None) -> bool:
@@ -149,7 +177,7 @@ class Doorbell:
         if not self.vm.closed:
             self.vm.unregister_ioevent(self._fd, self.address, length=self.length,
                                        datamatch=self.datamatch)
-        self._drain()
+        self._drain(deliver=True)  # the worker has let go: the last rings are delivered here
         with self._lock:
             os.close(self._fd)
             self._fd = -1
@@ -175,6 +203,7 @@ class DoorbellWorker:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._lock = threading.Lock()
         self._doorbells: dict[int, Doorbell] = {}
+        self._poked: set[Doorbell] = set()   # rings counted by readers, to deliver here
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -192,8 +221,17 @@ class DoorbellWorker:
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
 
+    def poke(self, doorbell: Doorbell) -> None:
+        """Have the worker run `doorbell`'s callback for rings another thread counted."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._poked.add(doorbell)
+        os.eventfd_write(self._wake, 1)
+
     def discard(self, doorbell: Doorbell) -> None:
         with self._lock:
+            self._poked.discard(doorbell)
             fd = doorbell.fileno()
             if self._stopping:
                 self._doorbells.pop(fd, None)
@@ -228,12 +266,19 @@ class DoorbellWorker:
                         pass
                     if self._stopping:
                         return
+                    with self._lock:
+                        poked, self._poked = self._poked, set()
+                    for doorbell in poked:
+                        try:
+                            doorbell._deliver()
+                        except Exception as err:
+                            self._report(doorbell, err)
                     continue
                 with self._lock:
                     doorbell = self._doorbells.get(fd)
                 if doorbell is not None:
                     try:
-                        doorbell._drain()
+                        doorbell._drain(deliver=True)
                     except Exception as err:
                         self._report(doorbell, err)
 

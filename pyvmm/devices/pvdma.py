@@ -385,6 +385,7 @@ class PvDma:
                     from ..exits import HypercallExit
                     machine.exit_handlers[HypercallExit] = self.dispatcher.handle
             self.vm.add_close_hook(self._on_vm_close)
+            self.vm.add_remove_guard(self._region_in_use)
         except BaseException:
             self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
             if registered:
@@ -561,6 +562,14 @@ class PvDma:
             for mapping in mappings:
                 self._release(mapping)
             return len(mappings)
+
+    def _region_in_use(self, region) -> str | None:
+        with self._lock:
+            live = [m for m in self._mappings if any(p.region is region for p in m.pieces)]
+        if live:
+            return (f"{len(live)} PV-DMA mapping(s) pin its pages (first at "
+                    f"{live[0].gpa:#x}); the guest must unmap them first")
+        return None
 
     def _on_vm_close(self, vm) -> None:
         self.close()
