@@ -37,7 +37,8 @@ class MissingCapability(KvmError):
                          f"this KVM lacks KVM_CAP_{cap.name}: {why}")
 
     def __reduce__(self):
-        return (Exception.__new__, (type(self),))
+        return (_rebuild_missing_capability, (int(self.cap), self.ioctl, self.role,
+                                              self.detail))
 
 
 class KvmUnavailable(OSError):
@@ -51,3 +52,12 @@ class GuestError(Exception):
 
 class ClosedError(ValueError):
     """A handle was used after close()."""
+
+
+def _rebuild_missing_capability(cap: int, ioctl: str, role: str, detail: str | None):
+    from .caps import Cap
+
+    err = MissingCapability.__new__(MissingCapability)
+    KvmError.__init__(err, __import__("errno").EOPNOTSUPP, ioctl, role, detail)
+    err.cap = Cap(cap) if cap in Cap._value2member_map_ else cap
+    return err

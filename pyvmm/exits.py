@@ -333,18 +333,13 @@ _MMIO_DATA = _UNION + 8
 
 # The two hottest exits are unpacked straight from the page: one struct call is several times
 # cheaper than walking the cffi struct field by field.
-_IO_FIELDS = struct.Struct("<BBHIQ")        # direction, size, port, count, data_offset
 _MMIO_FIELDS = struct.Struct("<Q8xIB")      # phys_addr, (data), len, is_write
 _REASON = struct.Struct("<I")
 _REASON_OFFSET = ffi.offsetof("struct kvm_run", "exit_reason")
-# exit_reason, then the io fields (_IO_FIELDS) at the union: what decode() reads first.
+# exit_reason, then the io fields (direction, size, port, count, data_offset) at the union:
+# what decode() reads first.
 _HEAD = struct.Struct(f"<{_REASON_OFFSET}xI{_UNION - _REASON_OFFSET - 4}xBBHIQ")
 assert ffi.offsetof("struct kvm_run", "io") == _UNION and _UNION == 32
-
-
-def _io(run, page: memoryview) -> Exit:
-    direction, size, port, count, offset = _IO_FIELDS.unpack_from(page, _UNION)
-    return IoExit(port, size, count, direction == 1, page[offset: offset + size * count])
 
 
 def _mmio(run, page: memoryview) -> Exit:
@@ -381,12 +376,10 @@ def _raw(run, page):
 _DECODERS: dict[int, Callable[[Any, memoryview], Exit]] = {
     _R.UNKNOWN: lambda run, page: UnknownExit(0, run.hw.hardware_exit_reason),
     _R.EXCEPTION: lambda run, page: ExceptionExit(run.ex.exception, run.ex.error_code),
-    _R.IO: _io,
     _R.HYPERCALL: _hypercall,
     _R.DEBUG: lambda run, page: DebugExit(run.debug.arch.exception, run.debug.arch.pc,
                                           run.debug.arch.dr6, run.debug.arch.dr7),
     _R.HLT: lambda run, page: HltExit(),
-    _R.MMIO: _mmio,
     _R.IRQ_WINDOW_OPEN: lambda run, page: IrqWindowOpenExit(),
     _R.SHUTDOWN: lambda run, page: ShutdownExit(),
     _R.FAIL_ENTRY: lambda run, page: FailEntryExit(

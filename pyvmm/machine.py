@@ -13,6 +13,7 @@ from typing import Any
 
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
+from .errors import ClosedError
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from .ioevent import IoEventAddress
 from .kvm import Kvm
@@ -107,8 +108,8 @@ class Machine:
                  kvm: Kvm | None = None, serial: bool = True) -> None:
         self._own_kvm = kvm is None
         self.kvm = kvm if kvm is not None else Kvm()
-        self.vm = self.kvm.create_vm()
         try:
+            self.vm = self.kvm.create_vm()
             self.irqchip = irqchip
             if irqchip:
                 self.vm.create_irqchip()
@@ -223,6 +224,8 @@ class Machine:
 
     @property
     def worker(self) -> DoorbellWorker:
+        if self.vm.closed:
+            raise ClosedError("the machine is closed")
         if self._worker is None:
             self._worker = DoorbellWorker()
         return self._worker
@@ -481,10 +484,12 @@ class Machine:
             self._worker = None
         for irq in getattr(self, "interrupts", []):
             irq.close()
-        if getattr(self, "vm", None) is not None:
-            self.vm.close()
-        if self._own_kvm and getattr(self, "kvm", None) is not None:
-            self.kvm.close()
+        try:
+            if getattr(self, "vm", None) is not None:
+                self.vm.close()
+        finally:
+            if self._own_kvm and getattr(self, "kvm", None) is not None:
+                self.kvm.close()
 
     def __enter__(self) -> Machine:
         return self

@@ -17,6 +17,14 @@ _HIST_TYPES = (3, 4)  # linear and log histograms
 class StatsReader:
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        try:
+            self._parse(fd)
+        except BaseException:
+            os.close(fd)  # the reader owns the fd from the start
+            self.fd = -1
+            raise
+
+    def _parse(self, fd: int) -> None:
         raw = os.pread(fd, ffi.sizeof(_HEADER), 0)
         header = ffi.new(f"{_HEADER} *")
         ffi.memmove(header, raw, len(raw))

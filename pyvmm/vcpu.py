@@ -123,6 +123,12 @@ class Watchdog:
 watchdog = Watchdog()
 
 
+def _check_msr_indices(indices: list[int]) -> None:
+    for index in indices:
+        if not 0 <= index < 1 << 32:
+            raise ValueError(f"MSR index {index:#x} is outside 0..0xffffffff")
+
+
 def _eat_kicks() -> None:
     """Consume kick signals pending on this thread (where the signal is blocked)."""
     while signal.sigtimedwait((KICK_SIGNAL,), 0) is not None:
@@ -341,6 +347,7 @@ class Vcpu:
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
+        _check_msr_indices(indices)
         buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for i, index in enumerate(indices):
             buf.entries[i].index = index
@@ -352,6 +359,10 @@ class Vcpu:
 
     def set_msrs(self, values: Mapping[int, int]) -> None:
         items = list(values.items())
+        _check_msr_indices([index for index, _ in items])
+        for index, value in items:
+            if not 0 <= value < 1 << 64:
+                raise ValueError(f"MSR {index:#x} value {value:#x} does not fit in 64 bits")
         buf = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
         for i, (index, value) in enumerate(items):
             buf.entries[i].index = index
@@ -393,6 +404,9 @@ class Vcpu:
         self._ioctl(io.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
 
     def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the vCPU fd with up to four arguments."""
+        if len(args) > 4:
+            raise ValueError("KVM_ENABLE_CAP takes at most 4 arguments")
         req = ffi.new("struct kvm_enable_cap *", {"cap": int(cap), "flags": flags,
                                                    "args": list(args)})
         self._ioctl(io.KVM_ENABLE_CAP, req)

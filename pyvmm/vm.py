@@ -266,6 +266,8 @@ class Vm:
 
     def dirty_log(self, region: MemoryRegion) -> DirtyBitmap:
         """KVM_GET_DIRTY_LOG: pages written by the guest since the last call (a superset)."""
+        if region.vm is not self or region.closed:
+            raise ValueError(f"{region!r} is not a live region of this VM")
         if not region.log_dirty:
             raise ValueError(f"{region!r} was not added with log_dirty=True")
         npages = region.size // PAGE_SIZE
@@ -318,9 +320,15 @@ class Vm:
     def set_tss_addr(self, addr: int) -> None:
         self._ioctl(io.KVM_SET_TSS_ADDR, addr)
 
+    @staticmethod
+    def _check_gsi(gsi: int) -> None:
+        if not 0 <= gsi < 1 << 32:
+            raise ValueError(f"GSI {gsi} is outside 0..2**32-1")
+
     def irq_line(self, gsi: int, level: int | bool) -> int:
         """Set an interrupt line (KVM_IRQ_LINE_STATUS); returns the delivery status
         (> 0 delivered, 0 masked/coalesced, < 0 ignored)."""
+        self._check_gsi(gsi)
         req = ffi.new("struct kvm_irq_level *")
         req.irq = gsi
         req.level = 1 if level else 0
@@ -356,6 +364,7 @@ class Vm:
 
     def register_irqfd(self, eventfd, gsi: int, *, resample_fd=None) -> None:
         """KVM_IRQFD: a write to `eventfd` raises `gsi` in the in-kernel irqchip."""
+        self._check_gsi(gsi)
         fd = _fd_of(eventfd)
         req = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi})
         if resample_fd is not None:

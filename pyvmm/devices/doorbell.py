@@ -139,9 +139,11 @@ class Doorbell:
                     # The worker drains and notifies; the slice bounds a lost notification.
                     self._cond.wait(0.05 if remaining is None else min(remaining, 0.05))
                     continue
+            # Another thread may drain the eventfd between our drain and this poll (a reader
+            # of `count`, or Machine.run accounting for the last rings): poll in short slices.
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            poller.poll(None if remaining is None else max(1, int(remaining * 1000)))
+            poller.poll(max(1, int(min(0.02 if remaining is None else remaining, 0.02) * 1000)))
 
     async def wait_async(self, count: int | None = None, timeout: float | None = None) -> bool:
         """`wait()` for asyncio code (runs in the default executor)."""

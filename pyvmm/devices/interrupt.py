@@ -55,17 +55,21 @@ class Interrupt:
         return self._fd
 
     def trigger(self) -> None:
-        with self._lock:  # counted first, so count never lags what the guest has seen
-            self.count += 1
-        os.eventfd_write(self._fd, 1)
+        # Under the lock with close(), so the write can never reach a reused fd number.
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"interrupt on GSI {self.gsi} is closed")
+            self.count += 1  # counted first, so count never lags what the guest has seen
+            os.eventfd_write(self._fd, 1)
 
     def close(self) -> None:
-        if self._fd < 0:
-            return
-        if not self.vm.closed:
-            self.vm.unregister_irqfd(self._fd, self.gsi)
-        os.close(self._fd)
-        self._fd = -1
+        with self._lock:
+            if self._fd < 0:
+                return
+            if not self.vm.closed:
+                self.vm.unregister_irqfd(self._fd, self.gsi)
+            os.close(self._fd)
+            self._fd = -1
 
     def __repr__(self) -> str:
         return f"Interrupt(gsi={self.gsi}, count={self.count})"
