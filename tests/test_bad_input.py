@@ -112,6 +112,9 @@ IRQ_CASES = [
      KvmError, errno.EINVAL, "not an eventfd"),
     ("irq-line-without-irqchip", lambda vm, f: vm.irq_line(5, 1), KvmError, errno.ENXIO,
      "create_irqchip"),
+    ("gsi-negative", lambda vm, f: vm.irq_line(-1, 1), ValueError, None, "GSI -1"),
+    ("irqfd-gsi-negative", lambda vm, f: vm.register_irqfd(f(), -5), ValueError, None,
+     "GSI -5"),
 ]
 
 VCPU_CASES = [
@@ -127,6 +130,12 @@ VCPU_CASES = [
      errno.EINVAL, "0xdeadbeef"),
     ("msr-read-unknown", lambda vm, f: vm.create_vcpu().get_msrs([0xDEADBEEF]), KvmError,
      errno.EINVAL, "0xdeadbeef"),
+    ("msr-index-too-wide", lambda vm, f: vm.create_vcpu().get_msrs([1 << 48]), ValueError,
+     None, "outside 0..0xffffffff"),
+    ("msr-value-too-wide", lambda vm, f: vm.create_vcpu().set_msrs({0x174: 1 << 64}),
+     ValueError, None, "64 bits"),
+    ("vcpu-enable-cap-5-args", lambda vm, f: vm.create_vcpu().enable_cap(1, 1, 2, 3, 4, 5),
+     ValueError, None, "at most 4"),
     ("cpuid-too-many", lambda vm, f: vm.create_vcpu().set_cpuid(
         [CpuidEntry(i) for i in range(300)]), KvmError, errno.E2BIG, "KVM_SET_CPUID2"),
     ("mp-state-unknown", lambda vm, f: vm.create_vcpu().set_mp_state(99), KvmError,

@@ -129,3 +129,34 @@ def test_serial_registers():
     uart.write(7, b"\x5a")
     assert uart.read(7, 1) == b"\x5a"
     assert uart.output == b"A"
+
+
+def test_dispatch_while_devices_come_and_go():
+    """Registration from another thread never makes dispatch see half an update: every
+    write to the device that stays mapped arrives, at its own offset."""
+    import threading
+    import time
+
+    bus = PioBus()
+    steady, churner = Counter(), Memory(8)
+    bus.register(0x30, 8, steady)
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            bus.register(0x10, 8, churner)
+            bus.unregister(churner)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    writes = 0
+    deadline = time.monotonic() + 0.5
+    try:
+        while time.monotonic() < deadline:
+            bus.write(0x30, b"x")
+            bus.write(0x12, b"y")   # to the churning device, or unclaimed: never elsewhere
+            writes += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert steady.count == writes

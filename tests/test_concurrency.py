@@ -54,3 +54,25 @@ def test_no_kick_is_lost(kvm, tmp_path):
         assert not thread.is_alive()
         # No kick was delivered twice either: nothing is left over to end a kick-less run.
         assert vcpu.run(timeout=0.2).timed_out
+
+
+def test_kicks_never_reach_a_signal_handler_across_runs(kvm, tmp_path):
+    """Every Machine.run() with several vCPUs starts new threads, whose ids Python reuses:
+    each must still block the kick signal, so no kick is ever delivered to a handler."""
+    import signal
+
+    from pyvmm.vcpu import KICK_SIGNAL
+
+    src = tmp_path / "spin.S"
+    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
+                   ".code64\n.globl start\nstart: jmp start\n")
+    delivered = []
+    previous = signal.signal(KICK_SIGNAL, lambda signum, frame: delivered.append(signum))
+    try:
+        with Machine(kvm=kvm, vcpus=2) as m:
+            m.load(str(src), start_aps=True)
+            for _ in range(5):
+                assert m.run(timeout=0.1).stop == "timeout"
+    finally:
+        signal.signal(KICK_SIGNAL, previous)
+    assert delivered == []

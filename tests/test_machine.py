@@ -119,3 +119,36 @@ def test_close_releases_fds_and_threads(kvm):
         time.sleep(0.01)
     assert threading.active_count() <= threads
     assert os.path.exists("/dev/kvm")
+
+
+def test_stop_before_run_ends_the_next_run(kvm, tmp_path):
+    src = tmp_path / "spin.S"
+    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
+                   ".code64\n.globl start\nstart: jmp start\n")
+    with Machine(kvm=kvm) as m:
+        m.load(str(src))
+        m.stop()
+        started = time.monotonic()
+        assert m.run(timeout=10).stop == "stopped"
+        assert time.monotonic() - started < 2
+        assert m.run(timeout=0.2).stop == "timeout"   # that stop was used up
+
+
+def test_result_does_not_keep_the_vm_alive(kvm):
+    def kvm_fds():
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if "kvm-" in os.readlink(f"/proc/self/fd/{fd}"):
+                    out.add(fd)
+            except OSError:
+                pass
+        return out
+
+    before = kvm_fds()
+    with Machine(kvm=kvm) as m:
+        m.load("hello")
+        result = m.run(timeout=10)
+    assert result.ok and result.last_exit.port == 0xEB
+    assert bytes(result.last_exit.data) == bytes(4)     # detached, still readable
+    assert kvm_fds() <= before
