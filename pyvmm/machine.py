@@ -429,12 +429,9 @@ class Machine:
                             self._console_write(event.data)
                         elif isinstance(event, ucall.Report):
                             result.reports.append(event)
-                        elif isinstance(event, ucall.Done):
-                            return ("done", event.status, event, ex, None)
-                        elif isinstance(event, ucall.Fail):
-                            return ("fail", event.code, event, ex, None)
                         else:
-                            return ("fault", None, event, ex, None)
+                            stop, status = ucall.outcome(event)
+                            return (stop, status, event, ex, None)
                     else:
                         handle_io(ex)
                     continue

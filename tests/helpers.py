@@ -143,3 +143,13 @@ def expect(vcpu, kind, timeout: float = 5.0):
     ex = vcpu.run(timeout=timeout)
     assert isinstance(ex, kind), f"expected {kind.__name__}, got {ex!r}"
     return ex
+
+
+def spin_payload(tmp_path, mode: str = "long64-user") -> str:
+    """A payload that spins forever (`jmp .`), as a path for Machine.load: only a timeout,
+    a kick or a stop ends it. At CPL3 it runs natively on kvm_pvm."""
+    src = tmp_path / f"spin_{mode.replace('-', '_')}.S"
+    bits = ".code16" if mode == "real16" else (".code32" if mode == "prot32" else ".code64")
+    src.write_text(f"# pyvmm: mode={mode} load=0x1000 entry=start\n{bits}\n.globl start\n"
+                   "start: jmp start\n")
+    return str(src)

@@ -8,6 +8,8 @@ import random
 import threading
 import time
 
+from helpers import spin_payload
+
 from pyvmm import Machine
 from pyvmm.exits import IntrExit
 
@@ -15,11 +17,9 @@ TRIES = int(os.environ.get("PYVMM_KICK_TRIES", "100000"))
 
 
 def test_no_kick_is_lost(kvm, tmp_path):
-    src = tmp_path / "spin.S"
-    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
-                   ".code64\n.globl start\nstart: jmp start\n")
+    src = spin_payload(tmp_path)
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         vcpu = m.vcpus[0]
         go = threading.Semaphore(0)
         done = threading.Event()
@@ -63,14 +63,12 @@ def test_kicks_never_reach_a_signal_handler_across_runs(kvm, tmp_path):
 
     from pyvmm.vcpu import KICK_SIGNAL
 
-    src = tmp_path / "spin.S"
-    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
-                   ".code64\n.globl start\nstart: jmp start\n")
+    src = spin_payload(tmp_path)
     delivered = []
     previous = signal.signal(KICK_SIGNAL, lambda signum, frame: delivered.append(signum))
     try:
         with Machine(kvm=kvm, vcpus=2) as m:
-            m.load(str(src), start_aps=True)
+            m.load(src, start_aps=True)
             for _ in range(5):
                 assert m.run(timeout=0.1).stop == "timeout"
     finally:

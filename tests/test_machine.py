@@ -8,6 +8,7 @@ import threading
 import time
 
 import psutil
+from helpers import spin_payload
 
 from pyvmm import Machine
 
@@ -24,11 +25,9 @@ def test_result_carries_console_reports_and_exit_counts(kvm):
 
 
 def test_timeout_stops_a_spinning_guest(kvm, tmp_path):
-    src = tmp_path / "spin.S"
-    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
-                   ".code64\n.globl start\nstart: jmp start\n")
+    src = spin_payload(tmp_path)
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         started = time.monotonic()
         result = m.run(timeout=0.3)
         assert result.stop == "timeout"
@@ -36,11 +35,9 @@ def test_timeout_stops_a_spinning_guest(kvm, tmp_path):
 
 
 def test_stop_from_another_thread(kvm, tmp_path):
-    src = tmp_path / "spin.S"
-    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
-                   ".code64\n.globl start\nstart: jmp start\n")
+    src = spin_payload(tmp_path)
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         threading.Timer(0.2, m.stop).start()
         assert m.run(timeout=30).stop == "stopped"
 
@@ -58,12 +55,12 @@ start:
     DONE
 """)
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         m.mmio.register(0xD0000000, 4, _Const(0x12345678))
         result = m.run(timeout=10)
         assert result.ok and result.values == [0x12345678]
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         # No device: the unclaimed policy answers all ones.
         result = m.run(timeout=10)
         assert result.ok and result.values == [0xFFFFFFFF]
@@ -122,11 +119,9 @@ def test_close_releases_fds_and_threads(kvm):
 
 
 def test_stop_before_run_ends_the_next_run(kvm, tmp_path):
-    src = tmp_path / "spin.S"
-    src.write_text("# pyvmm: mode=long64-user load=0x1000 entry=start\n"
-                   ".code64\n.globl start\nstart: jmp start\n")
+    src = spin_payload(tmp_path)
     with Machine(kvm=kvm) as m:
-        m.load(str(src))
+        m.load(src)
         m.stop()
         started = time.monotonic()
         assert m.run(timeout=10).stop == "stopped"

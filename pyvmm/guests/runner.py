@@ -103,14 +103,12 @@ def run_loop(vcpu: Any, result: GuestResult, *, timeout: float | None = 10.0,
                     result.console_bytes += ev.data
                 elif isinstance(ev, ucall.Report):
                     result.reports.append(ev)
-                elif isinstance(ev, ucall.Done):
-                    result.stop_reason, result.status = "done", ev.status
-                    break
-                elif isinstance(ev, ucall.Fail):
-                    result.stop_reason, result.detail = "fail", str(ev)
-                    break
-                elif isinstance(ev, ucall.Fault):
-                    result.stop_reason, result.detail = "fault", str(ev)
+                else:
+                    result.stop_reason, status = ucall.outcome(ev)
+                    if result.stop_reason == "done":
+                        result.status = status
+                    else:
+                        result.detail = str(ev)
                     break
             elif isinstance(ex, ex_types.HltExit):
                 result.stop_reason = "hlt"

@@ -139,6 +139,19 @@ class Fault:
 Event = ConsoleOutput | Report | Done | Fail | Fault
 
 
+def outcome(event: Event) -> tuple[str, int | None] | None:
+    """How an event ends a run: ("done", status), ("fail", code) or ("fault", None); None
+    for console output and reports, which do not. The one place both exit loops (Machine
+    and the runner) learn it."""
+    if isinstance(event, Done):
+        return "done", event.status
+    if isinstance(event, Fail):
+        return "fail", event.code
+    if isinstance(event, Fault):
+        return "fault", None
+    return None
+
+
 def capture_regs(vcpu: Any) -> dict[str, int]:
     r = vcpu.get_regs()
     return {name: int(getattr(r, name)) for name in REG_NAMES}
