@@ -37,6 +37,8 @@ class FakeDriver:
         self.base = base
         self.heap = HEAP
         self.queues: dict[int, dict] = {}
+        self.features = 0
+        self.rearm = True  # move used_event on after taking used buffers
 
     # registers, through the bus
     def r32(self, off: int) -> int:
@@ -92,6 +94,9 @@ class FakeDriver:
         desc = self.alloc(16 * num) if desc is None else desc
         driver = self.alloc(6 + 2 * num, 2) if driver is None else driver
         device = self.alloc(6 + 8 * num, 4) if device is None else device
+        for addr, size in ((desc, 16 * num), (driver, 6 + 2 * num), (device, 6 + 8 * num)):
+            if addr + size <= RAM:
+                self.m.memory.write(addr, bytes(size))  # a fresh ring is all zeroes
         self.w32(reg.QUEUE_SEL, index)
         self.w32(reg.QUEUE_NUM, num)
         for low, addr in ((reg.QUEUE_DESC_LOW, desc), (reg.QUEUE_DRIVER_LOW, driver),
@@ -181,6 +186,8 @@ class FakeDriver:
             slot = q["device"] + 4 + 8 * (q["used"] % q["num"])
             out.append(struct.unpack("<II", self.m.memory.read(slot, 8)))
             q["used"] = (q["used"] + 1) & 0xFFFF
+        if self.features & F_EVENT_IDX and self.rearm:
+            self.set_used_event(index, q["used"])  # as Linux does: "interrupt me at the next"
         return out
 
 
@@ -262,6 +269,7 @@ def test_indirect_refused_when_not_negotiated(vmachine):
 def test_event_idx_suppresses_interrupts_and_publishes_avail_event(vmachine):
     t = attach(vmachine, Entropy(), BASE, GSI)
     d = FakeDriver(vmachine)
+    d.rearm = False
     d.init()
     irq = vmachine.interrupts[0]
     # used_event = 2: interrupt only once the used index passes 2 (after the third buffer)
