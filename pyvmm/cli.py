@@ -105,6 +105,12 @@ def cmd_nested(args: argparse.Namespace) -> int:
     return nested.main(args.rest)
 
 
+def cmd_boot(args: argparse.Namespace) -> int:
+    from .boot import main as boot_main
+
+    return boot_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyvmm", description="Drive KVM from Python.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_nested)
+
+    p = sub.add_parser("boot", help="boot a Linux kernel with virtio devices written in Python")
+    from .boot import add_arguments as boot_arguments
+
+    boot_arguments(p)
+    p.set_defaults(func=cmd_boot)
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
