@@ -28,3 +28,9 @@ __all__ = [
            "PvDma",
            "SerialConsole",
 ]
+
+# -- the PC platform's devices (pyvmm.platform assembles them) --
+from .debug_exit import DEBUG_EXIT_PORT, DebugExit  # noqa: E402
+from .fw_cfg import FW_CFG_PORT, FwCfg  # noqa: E402
+
+__all__ += ["DEBUG_EXIT_PORT", "DebugExit", "FW_CFG_PORT", "FwCfg"]
