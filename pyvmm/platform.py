@@ -26,6 +26,9 @@ from enum import IntEnum
 
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
+from .devices.pc_testdev import PcTestdev, flush_guest_page
+from .devices.pci import PciBus
+from .devices.pci_testdev import PciTestdev
 from .devices.pit import set_pit_reinject
 from .kvm import Kvm
 from .machine import Machine, RunResult
@@ -104,7 +107,7 @@ class PcPlatform:
     guest's last debug-exit write reported ((value << 1) | 1), None before one."""
 
     def __init__(self, machine: Machine, *, memory_size: int = DEFAULT_MEMORY,
-                 pit: bool = True) -> None:
+                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True) -> None:
         if not machine.irqchip:
             raise ValueError("a PcPlatform needs the in-kernel irqchip: Machine(irqchip=True)")
         if machine.memory.regions(0):
@@ -124,6 +127,21 @@ class PcPlatform:
         machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
         self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
         machine.pio.register(FW_CFG_PORT, FwCfg.length, self.fw_cfg)
+        self.testdev: PcTestdev | None = None
+        if testdev:
+            self.testdev = PcTestdev(set_irq=machine.vm.irq_line,
+                                     flush_page=lambda gpa: flush_guest_page(machine.memory,
+                                                                             gpa))
+            self.testdev.attach(machine.pio, machine.mmio)
+        self.pci = PciBus(machine.pio, machine.mmio, on_reset=self._guest_reset)
+        self.pci.attach()
+        self.pci_testdev: PciTestdev | None = None
+        if pci_testdev:
+            # Slot 2: where QEMU puts the first -device on a PC without VGA (-nodefaults).
+            self.pci_testdev = PciTestdev(doorbell=self._doorbell)
+            self.pci.add(2, 0, self.pci_testdev)
+        #: How the guest last asked the machine to end: "poweroff" or "reset" (None: never).
+        self.power_event: str | None = None
 
     @classmethod
     def create(cls, *, vcpus: int = 1, memory_size: int = DEFAULT_MEMORY,
@@ -147,6 +165,14 @@ class PcPlatform:
             self.machine.stop("done", status=status)
         else:
             self.machine.stop("done")
+
+    def _guest_reset(self) -> None:
+        # No reboot (QEMU's --no-reboot, as kvm-unit-tests runs it): a reset ends the run.
+        self.power_event = "reset"
+        self.machine.stop("shutdown")
+
+    def _doorbell(self, address, length: int, datamatch: int | None):
+        return self.machine.doorbell(address, length=length, datamatch=datamatch)
 
     @property
     def exit_status(self) -> int | None:

@@ -34,3 +34,8 @@ from .debug_exit import DEBUG_EXIT_PORT, DebugExit  # noqa: E402
 from .fw_cfg import FW_CFG_PORT, FwCfg  # noqa: E402
 
 __all__ += ["DEBUG_EXIT_PORT", "DebugExit", "FW_CFG_PORT", "FwCfg"]
+from .pc_testdev import PcTestdev  # noqa: E402
+from .pci import PciBus, PciFunction, PciHostBridge  # noqa: E402
+from .pci_testdev import PciTestdev  # noqa: E402
+
+__all__ += ["PcTestdev", "PciBus", "PciFunction", "PciHostBridge", "PciTestdev"]
