@@ -24,12 +24,16 @@ import inspect
 from dataclasses import dataclass
 from enum import IntEnum
 
+from .devices import acpi
+from .devices.acpi_pm import PM_BASE, AcpiPm
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
+from .devices.i8042 import SYSTEM_CONTROL_A, I8042, SystemControlA
 from .devices.pc_testdev import PcTestdev, flush_guest_page
 from .devices.pci import PciBus
 from .devices.pci_testdev import PciTestdev
 from .devices.pit import set_pit_reinject
+from .devices.rtc import RTC_PORT, Rtc, pc_cmos_bytes
 from .kvm import Kvm
 from .machine import Machine, RunResult
 
@@ -123,6 +127,7 @@ class PcPlatform:
             machine.vm.create_pit()
             set_pit_reinject(machine.vm, False)
         self._stop_has_status = _accepts_status(machine.stop)
+        self._run_status: int | None = None
         self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
         machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
         self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
@@ -142,6 +147,18 @@ class PcPlatform:
             self.pci.add(2, 0, self.pci_testdev)
         #: How the guest last asked the machine to end: "poweroff" or "reset" (None: never).
         self.power_event: str | None = None
+        self.rtc = Rtc(set_irq=machine.vm.irq_line)
+        for index, value in pc_cmos_bytes(memory_size, self.vcpus,
+                                          below_4g=pieces[0][1]).items():
+            self.rtc.cmos[index] = value
+        machine.pio.register(RTC_PORT, Rtc.length, self.rtc)
+        self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_suspend=self._guest_suspend)
+        machine.pio.register(PM_BASE, AcpiPm.length, self.pm)
+        self.acpi = acpi.install(machine.memory, self.vcpus, pm_base=PM_BASE)
+        self.i8042 = I8042(on_reset=self._guest_reset)
+        self.i8042.register(machine.pio)
+        self.port92 = SystemControlA(on_reset=self._guest_reset)
+        machine.pio.register(SYSTEM_CONTROL_A, SystemControlA.length, self.port92)
 
     @classmethod
     def create(cls, *, vcpus: int = 1, memory_size: int = DEFAULT_MEMORY,
@@ -161,6 +178,7 @@ class PcPlatform:
     # -- guest-ended runs --------------------------------------------------------------------
 
     def _guest_exit(self, status: int) -> None:
+        self._run_status = status
         if self._stop_has_status:
             self.machine.stop("done", status=status)
         else:
@@ -170,6 +188,19 @@ class PcPlatform:
         # No reboot (QEMU's --no-reboot, as kvm-unit-tests runs it): a reset ends the run.
         self.power_event = "reset"
         self.machine.stop("shutdown")
+
+    def _guest_poweroff(self) -> None:
+        self.power_event = "poweroff"
+        self._run_status = 0
+        if self._stop_has_status:
+            self.machine.stop("done", status=0)
+        else:
+            self.machine.stop("done")
+
+    def _guest_suspend(self) -> None:
+        # S3 is not resumed: the run ends (power_event says why).
+        self.power_event = "suspend"
+        self.machine.stop("stopped")
 
     def _doorbell(self, address, length: int, datamatch: int | None):
         return self.machine.doorbell(address, length=length, datamatch=datamatch)
@@ -183,17 +214,19 @@ class PcPlatform:
         return memory_map(self.memory_size)
 
     def run(self, timeout: float | None = 10.0, **kwargs) -> RunResult:
-        """`machine.run()`; a run the guest ended through debug-exit carries that status."""
-        before = self.debug_exit.writes
+        """`machine.run()`; a run the guest ended through debug-exit carries that status (a
+        poweroff: status 0)."""
+        self._run_status = None
         result = self.machine.run(timeout, **kwargs)
-        if result.stop == "done" and self.debug_exit.writes != before and result.status is None:
-            result.status = self.debug_exit.status
+        if result.stop == "done" and result.status is None and self._run_status is not None:
+            result.status = self._run_status
         return result
 
     # -- lifetime ----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the Machine (and its VM)."""
+        """Stop the RTC's timer and close the Machine (and its VM)."""
+        self.rtc.close()
         self.machine.close()
 
     def __enter__(self) -> PcPlatform:

@@ -39,3 +39,8 @@ from .pci import PciBus, PciFunction, PciHostBridge  # noqa: E402
 from .pci_testdev import PciTestdev  # noqa: E402
 
 __all__ += ["PcTestdev", "PciBus", "PciFunction", "PciHostBridge", "PciTestdev"]
+from .acpi_pm import AcpiPm  # noqa: E402
+from .i8042 import I8042, SystemControlA  # noqa: E402
+from .rtc import Rtc  # noqa: E402
+
+__all__ += ["AcpiPm", "I8042", "Rtc", "SystemControlA"]
