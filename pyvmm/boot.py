@@ -2,9 +2,9 @@
 """`pyvmm boot`: boot a stock Linux kernel to a shell, with its devices written in Python.
 
 The machine: RAM from 0, the in-kernel irqchip and PIT, the COM1 serial port (the kernel's
-console), and virtio-mmio devices announced on the command line (`virtio_mmio.device=`): a
+console), and virtio-mmio devices: a
 console (the shell's terminal, /dev/hvc0), an entropy source and, with --disk, a block device
-backed by a file. Queue notifications are ioeventfd doorbells served by the epoll worker, used
+backed by a file, announced to the kernel in an ACPI SSDT. Queue notifications are ioeventfd doorbells served by the epoll worker, used
 buffers raise irqfd interrupts. The kernel is loaded through its PVH entry (a vmlinux) or the
 64-bit boot protocol (a bzImage).
 
@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .loaders import bzimage, pvh
-from .virtio import Block, Console, Entropy, attach, cmdline
+from .virtio import WINDOW, Block, Console, Entropy, attach
+from .virtio import acpi as virtio_acpi
 
 #: MMIO window of the first virtio device; the next ones follow every WINDOW bytes.
 VIRTIO_BASE = 0xD0000000
 #: Interrupt lines of the virtio devices, in order (ISA lines no PC device here uses).
 VIRTIO_GSIS = (5, 6, 7, 10, 11)
 DEFAULT_MEMORY = 256 << 20
-BASE_CMDLINE = "console=ttyS0 quiet loglevel=4 panic=-1 reboot=t no_timer_check"
+# pci=off: the devices are on virtio-mmio, and a PCI scan is thousands of port exits.
+BASE_CMDLINE = "console=ttyS0 quiet loglevel=4 panic=-1 no_timer_check pci=off"
 BOOT_MARKER = "pyvmm-boot: ready"
 EXIT_NOT_HERE = 3
 #: Output kept by a LinuxMachine for `wait_for` (the console device keeps its own bounded copy).
@@ -49,21 +51,23 @@ export PATH=/bin HOME=/
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-# busybox insmod does not read module options from the kernel command line: pass them here
-DEVS=""
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in virtio_mmio.device=*) DEVS="$DEVS device=${arg#virtio_mmio.device=}";; esac
-done
+# Until /dev/hvc0 exists, output goes to the kernel log: printk reaches the serial console
+# by polling, while a tty write to ttyS0 waits for a transmit interrupt it never gets.
+exec </dev/null >/dev/kmsg 2>&1
+say() { echo "<3>pyvmm-boot: $*" > /dev/kmsg; }
 while read -r mod; do
-    if [ "$mod" = virtio_mmio ]; then insmod /lib/modules/$mod.ko $DEVS
-    else insmod /lib/modules/$mod.ko; fi || echo "pyvmm-boot: insmod $mod failed"
+    insmod /lib/modules/$mod.ko 2>/tmp/insmod.err ||
+        say "insmod $mod failed: $(cat /tmp/insmod.err)"
 done < /etc/boot-modules
 n=0
 while [ ! -e /dev/hvc0 ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
-TTY=/dev/console
-[ -e /dev/hvc0 ] && TTY=/dev/hvc0
-echo "@MARKER@ $(cut -d' ' -f1 /proc/uptime)s cpus=$(grep -c ^processor /proc/cpuinfo)" > $TTY
-setsid sh -c "exec sh -i <$TTY >$TTY 2>&1"
+if [ ! -e /dev/hvc0 ]; then
+    say "no /dev/hvc0 (virtio console); powering off"
+    poweroff -f
+fi
+exec </dev/hvc0 >/dev/hvc0 2>&1
+echo "@MARKER@ $(cut -d' ' -f1 /proc/uptime)s cpus=$(grep -c ^processor /proc/cpuinfo)"
+setsid sh -c "exec sh -i </dev/hvc0 >/dev/hvc0 2>&1"
 poweroff -f
 """
 
@@ -86,7 +90,7 @@ def build_initramfs(modules: list[Path], busybox: str, cache: Path) -> Path:
     if path.exists():
         return path
     w = CpioWriter()
-    for d in ("bin", "dev", "etc", "lib/modules", "mnt", "proc", "sys", "tmp"):
+    for d in ("bin", "dev", "etc", "lib", "lib/modules", "mnt", "proc", "sys", "tmp"):
         w.dir(d)
     w.chardev("dev/console", 5, 1)
     w.file("bin/busybox", busybox_bytes, 0o755)
@@ -131,6 +135,7 @@ class BootResult:
     ready_s: float | None
     seconds: float
     exits: dict
+    power: str | None = None        # "poweroff" or "reset" when the guest ended the run
     devices: dict = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -138,7 +143,8 @@ class BootResult:
                   for k in ("notify_doorbell", "notify_mmio", "irq_irqfd")}
         userspace = sum(self.exits.values())
         ready = f"{self.ready_s:.2f}s" if self.ready_s is not None else "never"
-        return (f"pyvmm boot: {self.stop} after {self.seconds:.2f}s (shell ready: {ready}); "
+        how = f"{self.stop} ({self.power})" if self.power else self.stop
+        return (f"pyvmm boot: {how} after {self.seconds:.2f}s (shell ready: {ready}); "
                 f"virtqueue notifications: {notify['notify_doorbell']} by ioeventfd, "
                 f"{notify['notify_mmio']} by MMIO exit; {notify['irq_irqfd']} irqfd "
                 f"interrupts; {userspace} userspace exits in all")
@@ -150,7 +156,7 @@ class LinuxMachine:
     def __init__(self, kernel: str | os.PathLike, *, initrd: str | os.PathLike | None = None,
                  append: str = "", disk: str | os.PathLike | None = None, vcpus: int = 1,
                  memory: int = DEFAULT_MEMORY, echo=None, kvm=None) -> None:
-        from .machine import Machine
+        from .platform import PcPlatform
 
         if vcpus < 1:
             raise ValueError(f"a machine needs at least one vCPU, got {vcpus}")
@@ -162,28 +168,31 @@ class LinuxMachine:
         self.expected = False
         self.ready_at: float | None = None
         self.started = time.monotonic()
-        self.machine = m = Machine(vcpus=vcpus, irqchip=True, memory_size=memory, kvm=kvm)
+        # The PC around the kernel: in-kernel irqchip and PIT, serial, CMOS/RTC, ACPI tables
+        # (a MADT for the vCPUs), ACPI power off and the i8042/port 0x92 reset lines.
+        self.platform = PcPlatform.create(vcpus=vcpus, memory_size=memory, kvm=kvm,
+                                          testdev=False, pci_testdev=False)
+        self.machine = m = self.platform.machine
         self.transports = {}
         try:
-            m.vm.create_pit()
             m.console_sink = self._output
             self.console = Console(sink=self._output)
             devices = [("console", self.console), ("entropy", Entropy())]
             if disk is not None:
                 devices.append(("disk", Block(disk)))
-            parts = [BASE_CMDLINE]
+            windows = []
             for i, (name, device) in enumerate(devices):
-                base = VIRTIO_BASE + i * 0x200
+                base = VIRTIO_BASE + i * WINDOW
                 self.transports[name] = attach(m, device, base, VIRTIO_GSIS[i])
-                parts.append(cmdline(base, VIRTIO_GSIS[i]))
-            if append:
-                parts.append(append)
-            self.cmdline = " ".join(parts)
+                windows.append((base, WINDOW, VIRTIO_GSIS[i]))
+            # Announced in ACPI (an SSDT): Debian's kernel has no virtio_mmio.device=.
+            virtio_acpi.add_table(m.memory, self.platform.acpi, virtio_acpi.ssdt(windows))
+            self.cmdline = f"{BASE_CMDLINE} {append}".strip()
             image = Path(kernel).read_bytes()
             ramdisk = Path(initrd).read_bytes() if initrd is not None else None
             loader = pvh if image[:4] == b"\x7fELF" else bzimage
             loader.load(m.vm, m.vcpus, image, ram_size=memory, cmdline=self.cmdline,
-                        initrd=ramdisk)
+                        initrd=ramdisk, rsdp=self.platform.acpi.rsdp_address)
         except BaseException:
             self.close()
             raise
@@ -240,6 +249,7 @@ class LinuxMachine:
         end = time.monotonic()
         ready = self.ready_at - self.started if self.ready_at is not None else None
         return BootResult(stop=str(result.stop), expected=self.expected, ready_s=ready,
+                          power=self.platform.power_event,
                           seconds=end - self.started, exits=dict(result.exits),
                           devices={n: dict(t.stats) for n, t in self.transports.items()})
 
@@ -248,7 +258,7 @@ class LinuxMachine:
         the machine."""
         for transport in self.transports.values():
             transport.close()
-        self.machine.close()
+        self.platform.close()
 
     def __enter__(self) -> LinuxMachine:
         return self

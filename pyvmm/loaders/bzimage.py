@@ -122,7 +122,7 @@ def gdt() -> bytes:
 def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
          initrd: bytes | None = None, rsdp: int = 0) -> SetupHeader:
     """Load the bzImage `image` into `vm`'s memory (RAM from 0, `ram_size` bytes) and set the
-    boot vCPU at its 64-bit entry; every vCPU gets the supported CPUID."""
+    boot vCPU at its 64-bit entry; every vCPU gets the supported CPUID (hypervisor bit set)."""
     hdr = parse(image)
     memory = vm.memory
     cmd = cmdline.encode() + b"\0"
@@ -146,9 +146,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
     memory.write(layout.PML4, pml4)
     memory.write(layout.PDPT, pdpt)
     memory.write(layout.PD, pds)
-    for vcpu in vcpus:
-        if not vcpu.cpuid_set:
-            vcpu.set_supported_cpuid()
+    lb.set_guest_cpuid(vcpus)
     enter_long64(vcpus[0], at + 0x200, rsi=ZERO_PAGE)
     return hdr
 

@@ -64,6 +64,24 @@ def set_segment(seg, *, selector: int, type: int, base: int = 0, limit: int = 0x
     seg.avl, seg.unusable = 0, 0
 
 
+#: CPUID.1:ECX bit 31: "running under a hypervisor". KVM's supported CPUID leaves it clear
+#: (a VMM sets it); without it Linux does not look for KVM (no kvm-clock, no PV features).
+CPUID_HYPERVISOR = 1 << 31
+
+
+def set_guest_cpuid(vcpus) -> None:
+    """Give every vCPU the supported CPUID with the hypervisor bit set (once: KVM refuses a
+    different table after a vCPU ran)."""
+    for vcpu in vcpus:
+        if vcpu.cpuid_set:
+            continue
+        entries = vcpu.vm.kvm.supported_cpuid()
+        for e in entries:
+            if e.function == 1:
+                e.ecx |= CPUID_HYPERVISOR
+        vcpu.set_cpuid(entries)
+
+
 def check_fits(ram_size: int, what: str, addr: int, size: int) -> None:
     """A ValueError unless [addr, addr+size) lies in RAM."""
     if addr < 0 or addr + size > ram_size:

@@ -117,7 +117,7 @@ def gdt() -> bytes:
 def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
          initrd: bytes | None = None, rsdp: int = 0) -> Vmlinux:
     """Load `image` into `vm`'s memory (RAM from 0, `ram_size` bytes) and set the boot vCPU
-    (vcpus[0]) at the PVH entry; every vCPU gets the supported CPUID. `rsdp` is the ACPI
+    (vcpus[0]) at the PVH entry; every vCPU gets the supported CPUID (hypervisor bit set). `rsdp` is the ACPI
     RSDP address when the platform wrote ACPI tables (0: none)."""
     kernel = parse(image)
     memory = vm.memory
@@ -142,9 +142,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
                                               MODLIST if modules else 0, CMDLINE, rsdp,
                                               MEMMAP, len(mmap), 0))
     memory.write(GDT_ADDR, gdt())
-    for vcpu in vcpus:
-        if not vcpu.cpuid_set:
-            vcpu.set_supported_cpuid()
+    lb.set_guest_cpuid(vcpus)
     enter_flat32(vcpus[0], kernel.entry, ebx=START_INFO)
     return kernel
 
