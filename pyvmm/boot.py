@@ -1,11 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """`pyvmm boot`: boot a stock Linux kernel to a shell, with its devices written in Python.
 
-The machine: RAM from 0, the in-kernel irqchip and PIT, the COM1 serial port (the kernel's
-console), and virtio-mmio devices: a
-console (the shell's terminal, /dev/hvc0), an entropy source and, with --disk, a block device
-backed by a file, announced to the kernel in an ACPI SSDT. Queue notifications are ioeventfd doorbells served by the epoll worker, used
-buffers raise irqfd interrupts. The kernel is loaded through its PVH entry (a vmlinux) or the
+The machine: pyvmm's PC platform (in-kernel irqchip and PIT, the COM1 serial port as the
+kernel's console, CMOS/RTC, ACPI tables with a MADT for the vCPUs, ACPI power off and the
+reset lines), and virtio-mmio devices announced to the kernel in an ACPI SSDT: a console (the
+shell's terminal, /dev/hvc0), an entropy source and, with --disk, a block device backed by a
+file. Queue notifications are ioeventfd doorbells served by the epoll worker, used buffers
+raise irqfd interrupts. The kernel is loaded through its PVH entry (a vmlinux) or the
 64-bit boot protocol (a bzImage).
 
 With no --kernel, the Debian kernel of the nested runner is used (downloaded and cached by

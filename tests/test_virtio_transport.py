@@ -126,7 +126,7 @@ class FakeDriver:
         table, base = q["desc"], q["next_desc"]
         if indirect:
             table, base = self.alloc(16 * len(bufs)), 0
-        for k, ((content, writable), addr) in enumerate(zip(bufs, addrs)):
+        for k, ((content, writable), addr) in enumerate(zip(bufs, addrs, strict=True)):
             size = content if isinstance(content, int) else len(content)
             last = k == len(bufs) - 1
             flags = (DESC_F_WRITE if writable else 0) | (0 if last else DESC_F_NEXT)

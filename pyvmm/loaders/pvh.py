@@ -117,8 +117,8 @@ def gdt() -> bytes:
 def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
          initrd: bytes | None = None, rsdp: int = 0) -> Vmlinux:
     """Load `image` into `vm`'s memory (RAM from 0, `ram_size` bytes) and set the boot vCPU
-    (vcpus[0]) at the PVH entry; every vCPU gets the supported CPUID (hypervisor bit set). `rsdp` is the ACPI
-    RSDP address when the platform wrote ACPI tables (0: none)."""
+    (vcpus[0]) at the PVH entry; every vCPU gets the supported CPUID (hypervisor bit set).
+    `rsdp` is the ACPI RSDP address when the platform wrote ACPI tables (0: none)."""
     kernel = parse(image)
     memory = vm.memory
     cmd = cmdline.encode() + b"\0"
