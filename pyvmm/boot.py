@@ -192,8 +192,10 @@ class LinuxMachine:
             image = Path(kernel).read_bytes()
             ramdisk = Path(initrd).read_bytes() if initrd is not None else None
             loader = pvh if image[:4] == b"\x7fELF" else bzimage
+            t0 = time.monotonic()
             loader.load(m.vm, m.vcpus, image, ram_size=memory, cmdline=self.cmdline,
                         initrd=ramdisk, rsdp=self.platform.acpi.rsdp_address)
+            self.load_s = time.monotonic() - t0
         except BaseException:
             self.close()
             raise
