@@ -64,7 +64,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if kvm_module() == "kvm_pvm":
             print("\nNote: kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never forwards a "
                   "hypercall (VMCALL at CPL0 hangs KVM_RUN); guest CPL0 code is emulated, "
-                  "CPL3 code runs natively (shared/HOST.md).")
+                  "CPL3 code runs natively (docs/HOSTS.md in pyvmm's repository).")
     return 0
 
 
