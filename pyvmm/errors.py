@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
+import stat
 
 
 class KvmError(OSError):
@@ -60,10 +63,6 @@ def permission_advice(path: str) -> str:
     join its group where the group may read and write it (``crw-rw---- root kvm``), else
     (``crw------- root root``, often with no `kvm` group at all) run as root or open the
     device with a udev rule."""
-    import grp
-    import pwd
-    import stat
-
     try:
         st = os.stat(path)
         group = grp.getgrgid(st.st_gid).gr_name
