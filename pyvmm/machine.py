@@ -321,6 +321,8 @@ class Machine:
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = self._worker.errors[0][1]
         if result.error is not None and not isinstance(result.error, Exception):
+            result.error.add_note(f"pyvmm: raised on vCPU {result.vcpu} in Machine.run(); "
+                                  "every vCPU was stopped and joined first")
             raise result.error
         return result
 
