@@ -24,6 +24,11 @@ Reporting
     skipped for which capability. ``PYVMM_CAP_SKIPS=<path>`` writes the tests skipped for a
     capability as JSON; ``PYVMM_PASSED=<path>`` writes the passed, failed and skipped test ids.
     ``pyvmm nested --check-skips LOCAL NESTED`` compares the two (see pyvmm.testing.nested).
+
+pytest-xdist
+    Works under ``pytest -n N``: the fixtures are per test, so every worker opens its own KVM
+    handles and VMs; the workers' reports reach the controller, which alone writes the JSON
+    files and the summary line, merged over all workers (tests/test_xdist.py).
 """
 
 from __future__ import annotations
