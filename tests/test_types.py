@@ -47,7 +47,8 @@ def test_py_typed_is_shipped():
 def test_caps_stub_matches_the_header():
     from pyvmm import Cap
 
-    assert STUB.read_text() == stub_text(), "stale pyvmm/caps.pyi: python tests/test_types.py --write"
+    assert STUB.read_text() == stub_text(), (
+        "stale pyvmm/caps.pyi: python tests/test_types.py --write")
     assert {m.name: m.value for m in Cap} == {
         line.split(" = ")[0].strip(): int(line.split(" = ")[1])
         for line in STUB.read_text().splitlines() if line.startswith("    ") and " = " in line}
