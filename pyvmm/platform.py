@@ -27,6 +27,7 @@ from enum import IntEnum
 from .devices import acpi
 from .devices.acpi_pm import PM_BASE, AcpiPm
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from .devices import firmware
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.i8042 import SYSTEM_CONTROL_A, I8042, SystemControlA
 from .devices.pc_testdev import PcTestdev, flush_guest_page
@@ -155,6 +156,7 @@ class PcPlatform:
         self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_suspend=self._guest_suspend)
         machine.pio.register(PM_BASE, AcpiPm.length, self.pm)
         self.acpi = acpi.install(machine.memory, self.vcpus, pm_base=PM_BASE)
+        firmware.install_low_memory(machine.memory)
         self.i8042 = I8042(on_reset=self._guest_reset)
         self.i8042.register(machine.pio)
         self.port92 = SystemControlA(on_reset=self._guest_reset)
@@ -204,6 +206,12 @@ class PcPlatform:
 
     def _doorbell(self, address, length: int, datamatch: int | None):
         return self.machine.doorbell(address, length=length, datamatch=datamatch)
+
+    def firmware_entry(self, entry: int) -> int:
+        """Where a loader starts the boot vCPU (32-bit flat protected mode, its handover
+        registers in EAX/EBX) so that the kernel at `entry` finds the 8259s and the PIT as a
+        PC BIOS leaves them (see `pyvmm.devices.firmware`)."""
+        return firmware.install_init_stub(self.machine.memory, entry)
 
     @property
     def exit_status(self) -> int | None:
