@@ -21,6 +21,8 @@ the rest usable.
 from __future__ import annotations
 
 import inspect
+import time
+from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -35,6 +37,7 @@ from .devices.pci import PciBus
 from .devices.pci_testdev import PciTestdev
 from .devices.pit import set_pit_reinject
 from .devices.rtc import RTC_PORT, Rtc, pc_cmos_bytes
+from .guests import modes
 from .kvm import Kvm
 from .machine import Machine, RunResult
 
@@ -129,6 +132,7 @@ class PcPlatform:
             set_pit_reinject(machine.vm, False)
         self._stop_has_status = _accepts_status(machine.stop)
         self._run_status: int | None = None
+        self._suspended = False
         self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
         machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
         self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
@@ -200,9 +204,27 @@ class PcPlatform:
             self.machine.stop("done")
 
     def _guest_suspend(self) -> None:
-        # S3 is not resumed: the run ends (power_event says why).
+        # The run stops here; run() wakes the machine when the RTC alarm goes off.
         self.power_event = "suspend"
+        self._suspended = True
         self.machine.stop("stopped")
+
+    def _resume(self) -> bool:
+        """Wake from S3 as a PC BIOS does: the boot vCPU starts in real mode at the FACS's
+        waking vector, PM1 status says WAK_STS. False when the guest left no vector."""
+        facs = self.acpi.addresses["FACS"]
+        vector = int.from_bytes(self.machine.memory.read(facs + 12, 4), "little")
+        if vector == 0 or vector >= 0x100000:
+            return False
+        vcpu = self.machine.vcpus[0]
+        vcpu.complete_io()        # the SLP_EN write completes before the state is replaced
+        modes.setup_vcpu(vcpu, "real16", vector & 0xF, set_cpuid=False)
+        sregs = vcpu.get_sregs()
+        sregs.cs.selector, sregs.cs.base = vector >> 4, (vector >> 4) << 4
+        vcpu.set_sregs(sregs)
+        self.pm.wake()
+        self.power_event = "resume"
+        return True
 
     def _doorbell(self, address, length: int, datamatch: int | None):
         return self.machine.doorbell(address, length=length, datamatch=datamatch)
@@ -223,9 +245,31 @@ class PcPlatform:
 
     def run(self, timeout: float | None = 10.0, **kwargs) -> RunResult:
         """`machine.run()`; a run the guest ended through debug-exit carries that status (a
-        poweroff: status 0)."""
-        self._run_status = None
-        result = self.machine.run(timeout, **kwargs)
+        poweroff: status 0). A guest that suspends to RAM (S3) sleeps until its RTC alarm
+        and resumes at its FACS waking vector within the same run() and `timeout`; with no
+        alarm set it stays asleep and the run ends ("stopped", power_event "suspend")."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        console, exits = "", Counter()
+        while True:
+            self._run_status = None
+            self._suspended = False
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            result = self.machine.run(left, **kwargs)
+            console += result.console
+            exits.update(result.exits)
+            if not (self._suspended and result.stop == "stopped"):
+                break
+            # Suspended to RAM: sleep until the RTC alarm, then resume (or stay asleep).
+            wait = self.rtc.seconds_to_alarm()
+            left = None if deadline is None else deadline - time.monotonic()
+            if wait is None or (left is not None and wait > left):
+                break
+            time.sleep(wait)
+            if not self._resume():
+                break
+        result.console, result.exits = console, exits
+        result.duration = time.monotonic() - start
         if result.stop == "done" and result.status is None and self._run_status is not None:
             result.status = self._run_status
         return result
