@@ -35,6 +35,7 @@ from .devices.i8042 import SYSTEM_CONTROL_A, I8042, SystemControlA
 from .devices.pc_testdev import PcTestdev, flush_guest_page
 from .devices.pci import PciBus
 from .devices.pci_testdev import PciTestdev
+from .devices.mce import setup_mce
 from .devices.pit import set_pit_reinject
 from .devices.rtc import RTC_PORT, Rtc, pc_cmos_bytes
 from .guests import modes
@@ -130,6 +131,8 @@ class PcPlatform:
         if pit:
             machine.vm.create_pit()
             set_pit_reinject(machine.vm, False)
+        for vcpu in machine.vcpus:
+            setup_mce(vcpu, machine.kvm)   # QEMU's 10 banks, not KVM's 32
         self._stop_has_status = _accepts_status(machine.stop)
         self._run_status: int | None = None
         self._suspended = False
