@@ -280,6 +280,11 @@ class Rtc:
                 return bytes([self._fields(self._guest_time())[index]])
             return bytes([self.cmos[index]])
 
+    @property
+    def timer_running(self) -> bool:
+        """Whether the interrupt timer is armed (an enabled interrupt is due)."""
+        return self._timer is not None
+
     def close(self) -> None:
         """Stop the interrupt timer."""
         with self._lock:
