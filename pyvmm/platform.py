@@ -143,14 +143,18 @@ class PcPlatform:
             raise ValueError("a PcPlatform lays out RAM itself: give it a Machine without "
                              "memory (no memory_size)")
         pieces = ram_layout(memory_size)
+        vm = machine.vm
+        if vm is None:
+            raise ValueError("the machine is closed")
+        self.vm = vm
         self.machine = machine
         self.memory_size = memory_size
         self.vcpus = len(machine.vcpus)
         for base, size in pieces:
             machine.add_memory(base, size)
         if pit:
-            machine.vm.create_pit()
-            set_pit_reinject(machine.vm, False)
+            vm.create_pit()
+            set_pit_reinject(vm, False)
         for vcpu in machine.vcpus:
             setup_mce(vcpu, machine.kvm)   # QEMU's 10 banks, not KVM's 32
         self._stop_has_status = _accepts_status(machine.stop)
@@ -166,7 +170,7 @@ class PcPlatform:
         machine = self.machine
         self.pci = PciBus(machine.pio, machine.mmio, on_reset=self._guest_reset)
         self.pci.attach()
-        self.rtc = Rtc(set_irq=machine.vm.irq_line)
+        self.rtc = Rtc(set_irq=self.vm.irq_line)
         for index, value in pc_cmos_bytes(self.memory_size, self.vcpus,
                                           below_4g=below_4g).items():
             self.rtc.cmos[index] = value
@@ -188,7 +192,7 @@ class PcPlatform:
         machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
         self.testdev: PcTestdev | None = None
         if testdev:
-            self.testdev = PcTestdev(set_irq=machine.vm.irq_line,
+            self.testdev = PcTestdev(set_irq=self.vm.irq_line,
                                      flush_page=lambda gpa: flush_guest_page(machine.memory,
                                                                              gpa))
             self.testdev.attach(machine.pio, machine.mmio)
@@ -282,7 +286,7 @@ class PcPlatform:
         alarm set it stays asleep and the run ends ("stopped", power_event "suspend")."""
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        console, exits = "", Counter()
+        console, exits = "", Counter[str]()
         while True:
             self._run_status = None
             self._suspended = False

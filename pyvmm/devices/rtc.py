@@ -122,6 +122,7 @@ class Rtc:
         base = self._fields(self._frozen or 0)
         base = {k: fields.get(k, v) for k, v in base.items()}
         year = self._decode(base[CENTURY]) * 100 + self._decode(base[YEAR])
+        when: float
         try:
             when = calendar.timegm((year, self._decode(base[MONTH]),
                                     self._decode(base[DAY_OF_MONTH]),
