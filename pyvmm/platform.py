@@ -22,15 +22,17 @@ split into 3 GiB below 4 GiB and the rest above. `memory_map()` is the map a loa
 guest (multiboot mmap, e820): the BIOS area 0x9fc00-0xfffff reserved (the ACPI tables live
 there), the rest usable.
 
-For a loader: write the kernel, then start vCPU 0 at `firmware_entry(kernel_entry)` (32-bit
-flat protected mode, the handover registers in EAX/EBX), not at the kernel's entry, so the
-kernel finds the 8259s and the PIT as SeaBIOS leaves them under QEMU. The other vCPUs wait
-for the guest's INIT/SIPI. `run()` ends when the guest writes isa-debug-exit (status
-`(value << 1) | 1`, as QEMU exits), powers off (status 0), resets ("shutdown"), or times out:
+For a loader: write the kernel and set vCPU 0 up at its entry as the boot protocol says
+(multiboot: 32-bit flat protected mode, EAX/EBX). The first `run()` sends a vCPU 0 that
+starts in 32-bit protected mode without paging through `firmware_entry()` first, so the
+kernel finds the 8259s and the PIT as SeaBIOS leaves them under QEMU (`bios=False` turns
+that off; a loader may also start vCPU 0 at `firmware_entry(entry)` itself). The other
+vCPUs wait for the guest's INIT/SIPI. `run()` ends when the guest writes isa-debug-exit
+(status `(value << 1) | 1`, as QEMU exits), powers off (status 0), resets ("shutdown"), or
+times out:
 
     with PcPlatform.create(vcpus=2, memory_size=128 << 20) as pc:
-        entry = load_my_kernel(pc.machine.memory)              # the loader's job
-        setup_boot_vcpu(pc.machine.vcpus[0], pc.firmware_entry(entry))
+        pc.machine.load_multiboot("x86/msr.flat")       # a loader: memory and vCPU state
         result = pc.run(timeout=60)
         print(result.console, result.status, pc.power_event)
 """
@@ -136,7 +138,8 @@ class PcPlatform:
     None before one."""
 
     def __init__(self, machine: Machine, *, memory_size: int = DEFAULT_MEMORY,
-                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True) -> None:
+                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True,
+                 bios: bool = True) -> None:
         if not machine.irqchip:
             raise ValueError("a PcPlatform needs the in-kernel irqchip: Machine(irqchip=True)")
         if machine.memory.regions(0):
@@ -160,6 +163,7 @@ class PcPlatform:
         self._stop_has_status = _accepts_status(machine.stop)
         self._run_status: int | None = None
         self._suspended = False
+        self._bios_pending = bios
         #: How the guest last asked the machine to end or sleep: "poweroff", "reset",
         #: "suspend" (S3, still asleep) or "resume" (woke from S3); None: never.
         self.power_event: str | None = None
@@ -269,7 +273,22 @@ class PcPlatform:
         """Where a loader starts the boot vCPU (32-bit flat protected mode, its handover
         registers in EAX/EBX) so that the kernel at `entry` finds the 8259s and the PIT as a
         PC BIOS leaves them (see `pyvmm.devices.firmware`)."""
+        self._bios_pending = False
         return firmware.install_init_stub(self.machine.memory, entry)
+
+    def _enter_through_bios(self) -> None:
+        """Before the first run: a boot vCPU set up in 32-bit protected mode without paging
+        (a multiboot or PVH handover) starts at the BIOS init stub, which goes on to where
+        the loader pointed it with the same registers."""
+        self._bios_pending = False
+        vcpu = self.machine.vcpus[0]
+        sregs = vcpu.get_sregs()
+        if not sregs.cr0 & modes.CR0_PE or sregs.cr0 & modes.CR0_PG or not sregs.cs.db \
+                or sregs.cs.base != 0:
+            return
+        regs = vcpu.get_regs()
+        regs.rip = self.firmware_entry(regs.rip)
+        vcpu.set_regs(regs)
 
     @property
     def exit_status(self) -> int | None:
@@ -284,6 +303,8 @@ class PcPlatform:
         poweroff: status 0). A guest that suspends to RAM (S3) sleeps until its RTC alarm
         and resumes at its FACS waking vector within the same run() and `timeout`; with no
         alarm set it stays asleep and the run ends ("stopped", power_event "suspend")."""
+        if self._bios_pending:
+            self._enter_through_bios()
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         console, exits = "", Counter[str]()
