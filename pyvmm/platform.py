@@ -1,0 +1,236 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`PcPlatform`: the PC that kvm-unit-tests' x86 test kernels (and small OS guests) expect,
+assembled on a `Machine` from pyvmm devices.
+
+In the kernel (KVM): the PIC, IOAPIC and LAPICs (`Machine(irqchip=True)`) and the i8254 PIT
+(lost ticks discarded, as kvm-unit-tests runs QEMU). In Python, on the buses: the 16550
+serial console at 0x3f8 (the Machine's), isa-debug-exit at 0xf4, fw_cfg at 0x510 and the
+other devices this module adds as they are enabled.
+
+RAM follows QEMU's PC layout: up to 3.5 GiB (`LOWMEM_LIMIT`) at address 0; a larger RAM is
+split into 3 GiB below 4 GiB and the rest above. `memory_map()` is the map a loader gives the
+guest (multiboot mmap, e820): the BIOS area 0x9fc00-0xfffff reserved (ACPI tables live there),
+the rest usable.
+
+    with PcPlatform.create(vcpus=2, memory_size=128 << 20) as pc:
+        pc.machine.load_multiboot("x86/msr.flat")     # the loader is a Machine method
+        result = pc.run(timeout=60)
+        print(result.console, pc.exit_status)
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from enum import IntEnum
+
+from .devices import acpi
+from .devices.acpi_pm import PM_BASE, AcpiPm
+from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from .devices.fw_cfg import FW_CFG_PORT, FwCfg
+from .devices.i8042 import SYSTEM_CONTROL_A, I8042, SystemControlA
+from .devices.pc_testdev import PcTestdev, flush_guest_page
+from .devices.pci import PciBus
+from .devices.pci_testdev import PciTestdev
+from .devices.pit import set_pit_reinject
+from .devices.rtc import RTC_PORT, Rtc, pc_cmos_bytes
+from .kvm import Kvm
+from .machine import Machine, RunResult
+
+MIB = 1 << 20
+GIB = 1 << 30
+#: QEMU's default RAM size, and what kvm-unit-tests runs with unless a test asks for more.
+DEFAULT_MEMORY = 128 * MIB
+#: RAM up to this size stays below 4 GiB in one piece.
+LOWMEM_LIMIT = 0xE0000000
+#: A larger RAM keeps this much below 4 GiB (QEMU i440fx "gigabyte alignment").
+LOWMEM_SPLIT = 3 * GIB
+HIGHMEM_BASE = 4 * GIB
+#: The end of conventional memory (639 KiB): the EBDA and the BIOS area follow.
+CONVENTIONAL_END = 0x9FC00
+BIOS_AREA_END = 0x100000
+#: Smallest RAM the platform accepts: the BIOS area (ACPI tables) and a little above it.
+MIN_MEMORY = 2 * MIB
+
+
+class MemoryType(IntEnum):
+    """e820 / multiboot memory map types."""
+
+    USABLE = 1
+    RESERVED = 2
+    ACPI = 3
+
+
+@dataclass(frozen=True)
+class MemoryRange:
+    """One entry of the guest's memory map."""
+
+    base: int
+    length: int
+    type: MemoryType
+
+    @property
+    def end(self) -> int:
+        return self.base + self.length
+
+
+def ram_layout(memory_size: int) -> list[tuple[int, int]]:
+    """Where `memory_size` bytes of RAM go: [(guest address, size)], one or two pieces."""
+    if memory_size < MIN_MEMORY or memory_size % 0x1000:
+        raise ValueError(f"memory_size must be a multiple of 4 KiB and at least "
+                         f"{MIN_MEMORY >> 20} MiB, got {memory_size:#x}")
+    if memory_size <= LOWMEM_LIMIT:
+        return [(0, memory_size)]
+    return [(0, LOWMEM_SPLIT), (HIGHMEM_BASE, memory_size - LOWMEM_SPLIT)]
+
+
+def memory_map(memory_size: int) -> list[MemoryRange]:
+    """The guest's memory map for `memory_size` bytes of RAM (sorted, non-overlapping)."""
+    pieces = ram_layout(memory_size)
+    low = pieces[0][1]
+    ranges = [MemoryRange(0, CONVENTIONAL_END, MemoryType.USABLE),
+              MemoryRange(CONVENTIONAL_END, BIOS_AREA_END - CONVENTIONAL_END,
+                          MemoryType.RESERVED),
+              MemoryRange(BIOS_AREA_END, low - BIOS_AREA_END, MemoryType.USABLE)]
+    ranges += [MemoryRange(base, size, MemoryType.USABLE) for base, size in pieces[1:]]
+    return ranges
+
+
+def _accepts_status(stop) -> bool:
+    try:
+        return "status" in inspect.signature(stop).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class PcPlatform:
+    """The devices of a PC on `machine` (which needs the in-kernel irqchip and no RAM yet:
+    the platform adds RAM as `ram_layout()` says). `PcPlatform.create()` makes the Machine.
+
+    Attributes: `machine`, `memory_size`, `debug_exit`, `fw_cfg`; `exit_status` is what the
+    guest's last debug-exit write reported ((value << 1) | 1), None before one."""
+
+    def __init__(self, machine: Machine, *, memory_size: int = DEFAULT_MEMORY,
+                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True) -> None:
+        if not machine.irqchip:
+            raise ValueError("a PcPlatform needs the in-kernel irqchip: Machine(irqchip=True)")
+        if machine.memory.regions(0):
+            raise ValueError("a PcPlatform lays out RAM itself: give it a Machine without "
+                             "memory (no memory_size)")
+        pieces = ram_layout(memory_size)
+        self.machine = machine
+        self.memory_size = memory_size
+        self.vcpus = len(machine.vcpus)
+        for base, size in pieces:
+            machine.add_memory(base, size)
+        if pit:
+            machine.vm.create_pit()
+            set_pit_reinject(machine.vm, False)
+        self._stop_has_status = _accepts_status(machine.stop)
+        self._run_status: int | None = None
+        self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
+        machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
+        self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
+        machine.pio.register(FW_CFG_PORT, FwCfg.length, self.fw_cfg)
+        self.testdev: PcTestdev | None = None
+        if testdev:
+            self.testdev = PcTestdev(set_irq=machine.vm.irq_line,
+                                     flush_page=lambda gpa: flush_guest_page(machine.memory,
+                                                                             gpa))
+            self.testdev.attach(machine.pio, machine.mmio)
+        self.pci = PciBus(machine.pio, machine.mmio, on_reset=self._guest_reset)
+        self.pci.attach()
+        self.pci_testdev: PciTestdev | None = None
+        if pci_testdev:
+            # Slot 2: where QEMU puts the first -device on a PC without VGA (-nodefaults).
+            self.pci_testdev = PciTestdev(doorbell=self._doorbell)
+            self.pci.add(2, 0, self.pci_testdev)
+        #: How the guest last asked the machine to end: "poweroff" or "reset" (None: never).
+        self.power_event: str | None = None
+        self.rtc = Rtc(set_irq=machine.vm.irq_line)
+        for index, value in pc_cmos_bytes(memory_size, self.vcpus,
+                                          below_4g=pieces[0][1]).items():
+            self.rtc.cmos[index] = value
+        machine.pio.register(RTC_PORT, Rtc.length, self.rtc)
+        self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_suspend=self._guest_suspend)
+        machine.pio.register(PM_BASE, AcpiPm.length, self.pm)
+        self.acpi = acpi.install(machine.memory, self.vcpus, pm_base=PM_BASE)
+        self.i8042 = I8042(on_reset=self._guest_reset)
+        self.i8042.register(machine.pio)
+        self.port92 = SystemControlA(on_reset=self._guest_reset)
+        machine.pio.register(SYSTEM_CONTROL_A, SystemControlA.length, self.port92)
+
+    @classmethod
+    def create(cls, *, vcpus: int = 1, memory_size: int = DEFAULT_MEMORY,
+               kvm: Kvm | None = None, **kwargs) -> PcPlatform:
+        """A new Machine (in-kernel irqchip, `vcpus` vCPUs) with this platform on it. Closing
+        the platform closes the Machine."""
+        if not 1 <= vcpus <= 255:
+            raise ValueError(f"vcpus must be 1..255 (xAPIC ids), got {vcpus}")
+        ram_layout(memory_size)  # refuse a bad size before any VM exists
+        machine = Machine(vcpus=vcpus, irqchip=True, kvm=kvm)
+        try:
+            return cls(machine, memory_size=memory_size, **kwargs)
+        except BaseException:
+            machine.close()
+            raise
+
+    # -- guest-ended runs --------------------------------------------------------------------
+
+    def _guest_exit(self, status: int) -> None:
+        self._run_status = status
+        if self._stop_has_status:
+            self.machine.stop("done", status=status)
+        else:
+            self.machine.stop("done")
+
+    def _guest_reset(self) -> None:
+        # No reboot (QEMU's --no-reboot, as kvm-unit-tests runs it): a reset ends the run.
+        self.power_event = "reset"
+        self.machine.stop("shutdown")
+
+    def _guest_poweroff(self) -> None:
+        self.power_event = "poweroff"
+        self._run_status = 0
+        if self._stop_has_status:
+            self.machine.stop("done", status=0)
+        else:
+            self.machine.stop("done")
+
+    def _guest_suspend(self) -> None:
+        # S3 is not resumed: the run ends (power_event says why).
+        self.power_event = "suspend"
+        self.machine.stop("stopped")
+
+    def _doorbell(self, address, length: int, datamatch: int | None):
+        return self.machine.doorbell(address, length=length, datamatch=datamatch)
+
+    @property
+    def exit_status(self) -> int | None:
+        return self.debug_exit.status
+
+    def memory_map(self) -> list[MemoryRange]:
+        """This platform's guest memory map."""
+        return memory_map(self.memory_size)
+
+    def run(self, timeout: float | None = 10.0, **kwargs) -> RunResult:
+        """`machine.run()`; a run the guest ended through debug-exit carries that status (a
+        poweroff: status 0)."""
+        self._run_status = None
+        result = self.machine.run(timeout, **kwargs)
+        if result.stop == "done" and result.status is None and self._run_status is not None:
+            result.status = self._run_status
+        return result
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the RTC's timer and close the Machine (and its VM)."""
+        self.rtc.close()
+        self.machine.close()
+
+    def __enter__(self) -> PcPlatform:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
