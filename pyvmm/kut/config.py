@@ -43,8 +43,9 @@ class KutTest:
 
     @property
     def args(self) -> list[str]:
-        """test_args as the guest's argv (after argv[0]), shell-quoting removed. Backticks
-        (`date +%s` in one test) are not run: the words stay as written."""
+        """test_args as the shell words the suite's runner passes (its `eval` removes one level
+        of quoting; the guest splits the -append text at blanks). Backticks (`date +%s` in
+        one test) are not run: the words stay as written."""
         return shlex.split(self.test_args) if self.test_args else []
 
 
