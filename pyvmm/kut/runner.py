@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .config import KutTest, machine_params
 from .cpu import apply_cpu, parse_cpu
+from .mce import mce_cap_supported, setup_mce
 
 __all__ = ["STATUSES", "Outcome", "count_lines", "environment", "not_applicable",
            "qemu_command", "run_pyvmm", "run_qemu", "status_from_exit"]
@@ -186,8 +187,10 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
                                DEFAULT_MEMORY, pit=params.pit) as pc:
             machine = pc.machine
             table, outcome.notes = apply_cpu(machine.kvm.supported_cpuid(), spec)
+            mce = mce_cap_supported(machine.kvm)
             for vcpu in machine.vcpus:
                 vcpu.set_cpuid(_per_vcpu_cpuid(table, vcpu.id))
+                setup_mce(vcpu, mce)
             if console is not None:
                 machine.console_sink = lambda data: console(data.decode("utf-8", "replace"))
             if platform_hook is not None:
