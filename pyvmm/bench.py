@@ -5,9 +5,9 @@ Every `bench/bench_*.py` script is run as a pyperf run appending to one file per
 `<DIR>/<NAME>.json` (NAME: the UTC start time unless given). DIR holds pyperf's files and
 nothing else, one per run, so `python -m pyperf compare_to DIR/*.json` compares the runs in it
 (the oldest is the reference). The interleaved pyvmm/C measurements, which are not pyperf files,
-go to `<DIR>/paired/<NAME>.json`, only when some case has a C side. The table pairs each case's "[pyvmm]" and "[C]"
-benchmarks, gives their medians per operation, the ratio, and whether the case's target
-(issue 8) is met. Targets are measured and reported, never asserted.
+go to `<DIR>/paired/<NAME>.json`, only when some case has a C side. The table pairs each
+case's "[pyvmm]" and "[C]" benchmarks, gives their medians per operation, the ratio, and
+whether the case's target is met. Targets are measured and reported, never asserted.
 """
 
 from __future__ import annotations

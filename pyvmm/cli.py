@@ -93,8 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine
 
     with Machine(irqchip=args.irqchip) as machine:
-        machine.console_sink = lambda data: (sys.stdout.write(data.decode("utf-8", "replace")),
-                                             sys.stdout.flush())
+        def echo(data: bytes) -> None:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+
+        machine.console_sink = echo
         payload = machine.load(args.payload, regs=_parse_regs(args.reg))
         result = machine.run(timeout=args.timeout)
         print(f"\n--- {payload.name} ({payload.mode}, entry {payload.entry:#x})")
@@ -219,7 +222,7 @@ def _main(argv: list[str], debug: bool) -> int:
     sub.add_parser("bench", help="pyperf benchmarks against a C reference (see `pyvmm bench -h`)")
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
