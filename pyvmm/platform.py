@@ -21,19 +21,24 @@ the rest usable.
 from __future__ import annotations
 
 import inspect
+import time
+from collections import Counter
 from dataclasses import dataclass
 from enum import IntEnum
 
 from .devices import acpi
 from .devices.acpi_pm import PM_BASE, AcpiPm
 from .devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from .devices import firmware
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.i8042 import SYSTEM_CONTROL_A, I8042, SystemControlA
 from .devices.pc_testdev import PcTestdev, flush_guest_page
 from .devices.pci import PciBus
 from .devices.pci_testdev import PciTestdev
+from .devices.mce import setup_mce
 from .devices.pit import set_pit_reinject
 from .devices.rtc import RTC_PORT, Rtc, pc_cmos_bytes
+from .guests import modes
 from .kvm import Kvm
 from .machine import Machine, RunResult
 
@@ -126,8 +131,11 @@ class PcPlatform:
         if pit:
             machine.vm.create_pit()
             set_pit_reinject(machine.vm, False)
+        for vcpu in machine.vcpus:
+            setup_mce(vcpu, machine.kvm)   # QEMU's 10 banks, not KVM's 32
         self._stop_has_status = _accepts_status(machine.stop)
         self._run_status: int | None = None
+        self._suspended = False
         self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
         machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
         self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
@@ -155,6 +163,7 @@ class PcPlatform:
         self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_suspend=self._guest_suspend)
         machine.pio.register(PM_BASE, AcpiPm.length, self.pm)
         self.acpi = acpi.install(machine.memory, self.vcpus, pm_base=PM_BASE)
+        firmware.install_low_memory(machine.memory)
         self.i8042 = I8042(on_reset=self._guest_reset)
         self.i8042.register(machine.pio)
         self.port92 = SystemControlA(on_reset=self._guest_reset)
@@ -198,12 +207,36 @@ class PcPlatform:
             self.machine.stop("done")
 
     def _guest_suspend(self) -> None:
-        # S3 is not resumed: the run ends (power_event says why).
+        # The run stops here; run() wakes the machine when the RTC alarm goes off.
         self.power_event = "suspend"
+        self._suspended = True
         self.machine.stop("stopped")
+
+    def _resume(self) -> bool:
+        """Wake from S3 as a PC BIOS does: the boot vCPU starts in real mode at the FACS's
+        waking vector, PM1 status says WAK_STS. False when the guest left no vector."""
+        facs = self.acpi.addresses["FACS"]
+        vector = int.from_bytes(self.machine.memory.read(facs + 12, 4), "little")
+        if vector == 0 or vector >= 0x100000:
+            return False
+        vcpu = self.machine.vcpus[0]
+        vcpu.complete_io()        # the SLP_EN write completes before the state is replaced
+        modes.setup_vcpu(vcpu, "real16", vector & 0xF, set_cpuid=False)
+        sregs = vcpu.get_sregs()
+        sregs.cs.selector, sregs.cs.base = vector >> 4, (vector >> 4) << 4
+        vcpu.set_sregs(sregs)
+        self.pm.wake()
+        self.power_event = "resume"
+        return True
 
     def _doorbell(self, address, length: int, datamatch: int | None):
         return self.machine.doorbell(address, length=length, datamatch=datamatch)
+
+    def firmware_entry(self, entry: int) -> int:
+        """Where a loader starts the boot vCPU (32-bit flat protected mode, its handover
+        registers in EAX/EBX) so that the kernel at `entry` finds the 8259s and the PIT as a
+        PC BIOS leaves them (see `pyvmm.devices.firmware`)."""
+        return firmware.install_init_stub(self.machine.memory, entry)
 
     @property
     def exit_status(self) -> int | None:
@@ -215,9 +248,31 @@ class PcPlatform:
 
     def run(self, timeout: float | None = 10.0, **kwargs) -> RunResult:
         """`machine.run()`; a run the guest ended through debug-exit carries that status (a
-        poweroff: status 0)."""
-        self._run_status = None
-        result = self.machine.run(timeout, **kwargs)
+        poweroff: status 0). A guest that suspends to RAM (S3) sleeps until its RTC alarm
+        and resumes at its FACS waking vector within the same run() and `timeout`; with no
+        alarm set it stays asleep and the run ends ("stopped", power_event "suspend")."""
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        console, exits = "", Counter()
+        while True:
+            self._run_status = None
+            self._suspended = False
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            result = self.machine.run(left, **kwargs)
+            console += result.console
+            exits.update(result.exits)
+            if not (self._suspended and result.stop == "stopped"):
+                break
+            # Suspended to RAM: sleep until the RTC alarm, then resume (or stay asleep).
+            wait = self.rtc.seconds_to_alarm()
+            left = None if deadline is None else deadline - time.monotonic()
+            if wait is None or (left is not None and wait > left):
+                break
+            time.sleep(wait)
+            if not self._resume():
+                break
+        result.console, result.exits = console, exits
+        result.duration = time.monotonic() - start
         if result.stop == "done" and result.status is None and self._run_status is not None:
             result.status = self._run_status
         return result

@@ -55,6 +55,16 @@ def buses():
     return pio, mmio, bus, dev, Cfg(pio), resets, bells
 
 
+def test_unaligned_latched_register_is_ored_with_the_port_offset(buses):
+    pio, *_ = buses
+    # kvm-unit-tests latches register 2 and reads the device ID from 0xcfc (QEMU's rule)
+    pio.write(0xCF8, (0x80000000 | 2 << 11 | 2).to_bytes(4, "little"))
+    assert pio.read(0xCFC, 2) == (0x0005).to_bytes(2, "little")
+    pio.write(0xCF8, (0x80000000 | 2 << 11 | 0xFE).to_bytes(4, "little"))
+    assert pio.read(0xCFF, 1) == b"\x00"       # stays inside the header: no host error
+    assert pio.read(0xCFE, 2) == b"\x00\x00"
+
+
 def test_identity_and_absent_functions(buses):
     pio, _, _, _, cfg, _, _ = buses
     assert cfg.read(0, 0) == 0x12378086                     # i440FX host bridge
@@ -95,7 +105,7 @@ def test_read_only_registers_keep_their_value(buses):
 def test_firmware_assignment_and_bar_sizing(buses):
     pio, mmio, _, dev, cfg, _, _ = buses
     mem, io = cfg.read(2, 0x10), cfg.read(2, 0x14)
-    assert mem == MEM_WINDOW[0] and io == IO_WINDOW[0] | 1
+    assert mem == MEM_WINDOW[1] - 4096 == 0xFEBFF000 and io == IO_WINDOW[0] | 1
     assert cfg.read(2, COMMAND, 2) & (COMMAND_IO | COMMAND_MEMORY) == COMMAND_IO | COMMAND_MEMORY
     assert mmio.find(mem, 4096) is not None and pio.find(IO_WINDOW[0], 256) is not None
     cfg.write(2, 0x10, 0xFFFFFFFF)
@@ -111,7 +121,7 @@ def test_firmware_assignment_and_bar_sizing(buses):
 def test_moving_a_bar_and_turning_decode_off(buses):
     pio, mmio, _, dev, cfg, _, _ = buses
     cfg.write(2, 0x10, 0xFD000000)
-    assert mmio.find(MEM_WINDOW[0]) is None and mmio.find(0xFD000000).device is dev.bars[0].device
+    assert mmio.find(MEM_WINDOW[1] - 4096) is None and mmio.find(0xFD000000).device is dev.bars[0].device
     cfg.write(2, COMMAND, COMMAND_IO, 2)                      # memory decode off
     assert mmio.find(0xFD000000) is None and pio.find(IO_WINDOW[0]) is not None
     cfg.write(2, COMMAND, 0, 2)
@@ -191,7 +201,7 @@ def test_guest_finds_the_testdev_and_runs_its_tests(kvm):
     assert result.ok, result.summary()
     got = {r.tag: r.value64 for r in result.reports}
     assert got == {1: 0x12378086, 2: 0x00051B36, 3: 0xFFFFFFFF,
-                   4: MEM_WINDOW[0], 5: IO_WINDOW[0] | 1, 6: 0xFFFFF000,
+                   4: 0xFEBFF000, 5: IO_WINDOW[0] | 1, 6: 0xFFFFF000,
                    7: 16,               # counted by the Python device
                    8: 0, 9: 0,          # taken by the kernel's ioeventfds
                    10: int.from_bytes(b"port", "little"), 11: 0}

@@ -4,7 +4,9 @@ bridge.
 
 Mechanism #1 (the PCI Local Bus specification): a 32-bit OUT to 0xcf8 latches an address
 (bit 31 enable, bus in 23:16, device/function in 15:8, register in 7:2); an access of 1, 2 or
-4 bytes at 0xcfc + n then reads or writes that register's byte n and up. With the enable bit
+4 bytes at 0xcfc + n then reads or writes that register's byte n and up. As in QEMU, the
+latched address's bits 1:0 count too (they are ORed with n): a guest may latch register 2
+and read the device ID at 0xcfc, which kvm-unit-tests does. With the enable bit
 clear, or for a function nobody implements, reads answer all ones and writes go nowhere.
 Only bus 0 exists. The byte at 0xcf9 is the PIIX reset control register instead (a byte
 write with bit 2 set resets the machine: `on_reset()`), as on QEMU's PC.
@@ -44,8 +46,9 @@ COMMAND_INTX_DISABLE = 0x400
 COMMAND_WRITABLE = COMMAND_IO | COMMAND_MEMORY | COMMAND_MASTER | COMMAND_INTX_DISABLE
 BAR_IO = 0x1
 
-#: Where the platform's "BIOS" puts BARs: 32-bit memory BARs from here up (below the IOAPIC at
-#: 0xfec00000), I/O BARs from 0xc000 up (QEMU's SeaBIOS uses these windows).
+#: Where the platform's "BIOS" puts BARs: 32-bit memory BARs down from the top of this window
+#: (just below the IOAPIC at 0xfec00000), I/O BARs from 0xc000 up, as QEMU's SeaBIOS does
+#: (so pci-testdev's BARs land where they do under QEMU: 0xfebff000 and 0xc000).
 MEM_WINDOW = (0xFE000000, 0xFEC00000)
 IO_WINDOW = (0xC000, 0x10000)
 
@@ -176,7 +179,7 @@ class PciBus:
         self.address = 0
         self.reset_control = 0
         self.refused_bars = 0
-        self._next = {True: IO_WINDOW[0], False: MEM_WINDOW[0]}
+        self._next = {True: IO_WINDOW[0], False: MEM_WINDOW[1]}
         self._lock = threading.RLock()
         self.add(0, 0, PciHostBridge(), assign=False)
 
@@ -202,11 +205,16 @@ class PciBus:
                 for i, bar in enumerate(fn.bars):
                     if bar is None:
                         continue
-                    base = -(-self._next[bar.io] // bar.size) * bar.size
-                    window = IO_WINDOW if bar.io else MEM_WINDOW
-                    if base + bar.size > window[1]:
+                    if bar.io:      # I/O BARs bottom-up, memory BARs top-down, as SeaBIOS
+                        base = -(-self._next[True] // bar.size) * bar.size
+                        fits = base + bar.size <= IO_WINDOW[1]
+                        self._next[True] = base + bar.size
+                    else:
+                        base = (self._next[False] - bar.size) & ~(bar.size - 1)
+                        fits = base >= MEM_WINDOW[0]
+                        self._next[False] = base
+                    if not fits:
                         raise ValueError(f"no room left for a {bar.size}-byte BAR")
-                    self._next[bar.io] = base + bar.size
                     fn.config_write(BAR0 + 4 * i, base, 4)
                     command |= COMMAND_IO if bar.io else COMMAND_MEMORY
                 fn.config_write(COMMAND, command, 2)
@@ -236,25 +244,32 @@ class PciBus:
         address = self.address
         if not address & CONFIG_ENABLE or (address >> 16) & 0xFF != 0:
             return None, 0
-        return self.functions.get((address >> 8) & 0xFF), address & 0xFC
+        return self.functions.get((address >> 8) & 0xFF), address & 0xFF
 
     def data_read(self, offset: int, size: int) -> int:
         with self._lock:
             fn, reg = self._target()
             if fn is None:
                 return (1 << (8 * size)) - 1
-            return fn.config_read(reg + offset, size)
+            return fn.config_read(_register(reg, offset, size), size)
 
     def data_write(self, offset: int, value: int, size: int) -> None:
         with self._lock:
             fn, reg = self._target()
             if fn is not None:
-                fn.config_write(reg + offset, value, size)
+                fn.config_write(_register(reg, offset, size), value, size)
 
     def reset_write(self, value: int) -> None:
         self.reset_control = value & 0x0E
         if value & RESET_CPU and self.on_reset is not None:
             self.on_reset()
+
+
+def _register(latched: int, offset: int, size: int) -> int:
+    # QEMU ORs the latched address's low bits (which the specification reserves) with the
+    # data port offset, and kvm-unit-tests relies on it: it latches register 2 and reads
+    # the device ID from 0xcfc. The access stays inside the 256-byte header.
+    return min(latched | offset, 256 - size)
 
 
 class ConfigAddressPort:

@@ -144,6 +144,18 @@ class Rtc:
             rate += 7            # rates 1 and 2 are 3.90625 ms and 7.8125 ms
         return max((1 << (rate - 1)) / 32768.0, MIN_PERIOD)
 
+    def seconds_to_alarm(self, horizon: int = 86400) -> float | None:
+        """How long until the alarm goes off (None: the alarm interrupt is not enabled, or
+        no second within `horizon` matches). What a sleeping machine waits for to wake."""
+        with self._lock:
+            if not self.cmos[REG_B] & B_AIE or self._frozen is not None:
+                return None
+            t = self._guest_time()
+            for second in range(int(t) + 1, int(t) + 1 + horizon):
+                if self._alarm_matches(second):
+                    return second - t
+        return None
+
     # -- events ------------------------------------------------------------------------------
 
     def _alarm_matches(self, t: int) -> bool:
