@@ -123,9 +123,8 @@ def paired_doc(data: dict, cases: list[str]) -> dict:
     for case in cases:
         test = case.rsplit(".", 1)[1]
         py, qe = data[test]["pyvmm"], data[test]["qemu"]
-        doc[case] = {"pyvmm": py, "c": qe, "ratios": [a / b for a, b in zip(py, qe,
-                                                                             strict=True)],
-                     "loops": [1]}
+        ratios = [a / b for a, b in zip(py, qe, strict=True)]
+        doc[case] = {"pyvmm": py, "c": qe, "ratios": ratios, "loops": [1]}
     return doc
 
 

@@ -262,16 +262,3 @@ def test_pytest_items_pass_and_show_serial_output_on_failure(kut_dir, tmp_path):
     assert "msr_short (msr.flat, smp 1): TIMEOUT" in out
     assert "--- serial output ---" in out and "PASS: " in out
 
-
-def test_mce_banks_as_qemu_sets_them_up(kvm):
-    from pyvmm.kut.mce import DEFAULT_BANKS, MCG_CTL_P, mce_cap_supported, setup_mce
-
-    supported = mce_cap_supported(kvm)
-    assert supported & 0xFF >= DEFAULT_BANKS  # KVM allows at least QEMU's 10 banks
-    with kvm.create_vm() as vm:
-        vcpu = vm.create_vcpu()
-        cap = setup_mce(vcpu, supported)
-        assert cap & 0xFF == DEFAULT_BANKS and cap & MCG_CTL_P
-        assert vcpu.get_msrs([0x179])[0x179] == cap   # IA32_MCG_CAP as the guest reads it
-        with pytest.raises(ValueError):
-            setup_mce(vcpu, supported, banks=0)

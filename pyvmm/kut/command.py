@@ -77,9 +77,13 @@ def run(kut_dir: str, tests: list[KutTest], *, qemu: bool = False, timeout: floa
         = None, explicit: bool = False, verbose: bool = False, out=sys.stdout):
     """Run each test (under pyvmm, then QEMU when asked: interleaved, so both see the same
     host load), printing one progress line per run; returns [(name, pyvmm, qemu or None)]."""
+    def echo(text: str) -> None:
+        out.write(text)
+        out.flush()
+
     rows = []
     for test in tests:
-        sink = (lambda text: (out.write(text), out.flush())) if verbose else None
+        sink = echo if verbose else None
         mine = run_pyvmm(kut_dir, test, timeout=timeout, explicit=explicit, console=sink)
         print(f"{test.name}: pyvmm {mine.status} ({mine.passed} passed, {mine.failed} failed, "
               f"{mine.skipped} skipped, {mine.seconds:.1f} s)"

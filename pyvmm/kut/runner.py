@@ -25,7 +25,6 @@ from pathlib import Path
 
 from .config import KutTest, machine_params
 from .cpu import apply_cpu, parse_cpu
-from .mce import mce_cap_supported, setup_mce
 
 __all__ = ["STATUSES", "Outcome", "count_lines", "environment", "not_applicable",
            "qemu_command", "run_pyvmm", "run_qemu", "status_from_exit"]
@@ -183,14 +182,14 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
     start = time.perf_counter()
     outcome = Outcome("ERROR")
     try:
-        with PcPlatform.create(vcpus=test.smp, memory_size=params.memory_size or
-                               DEFAULT_MEMORY, pit=params.pit) as pc:
+        memory = params.memory_size or DEFAULT_MEMORY
+        with PcPlatform.create(vcpus=test.smp, memory_size=memory, pit=params.pit) as pc:
             machine = pc.machine
-            table, outcome.notes = apply_cpu(machine.kvm.supported_cpuid(), spec)
-            mce = mce_cap_supported(machine.kvm)
+            kvm = machine.kvm
+            assert kvm is not None  # an open machine has its Kvm
+            table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec)
             for vcpu in machine.vcpus:
                 vcpu.set_cpuid(_per_vcpu_cpuid(table, vcpu.id))
-                setup_mce(vcpu, mce)
             if console is not None:
                 machine.console_sink = lambda data: console(data.decode("utf-8", "replace"))
             if platform_hook is not None:
