@@ -262,3 +262,31 @@ def test_pytest_items_pass_and_show_serial_output_on_failure(kut_dir, tmp_path):
     assert "msr_short (msr.flat, smp 1): TIMEOUT" in out
     assert "--- serial output ---" in out and "PASS: " in out
 
+
+
+def test_platform_hook_instruments_a_device(kut_dir):
+    # As docs/KVM-UNIT-TESTS.md shows: wrap fw_cfg and see the guest read its CPU count.
+    accesses = []
+
+    class Trace:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def read(self, offset, size):
+            data = self.inner.read(offset, size)
+            accesses.append(("r", offset, data))
+            return data
+
+        def write(self, offset, data):
+            accesses.append(("w", offset, bytes(data)))
+            self.inner.write(offset, data)
+
+    def hook(pc):
+        pc.machine.pio.unregister(pc.fw_cfg)
+        pc.machine.pio.register(0x510, type(pc.fw_cfg).length, Trace(pc.fw_cfg))
+
+    outcome = run_pyvmm(kut_dir, by_name(kut_dir, "smptest"), timeout=60, platform_hook=hook)
+    assert outcome.status == "PASS", outcome.output
+    # the selector write of FW_CFG_NB_CPUS (5), then reads of the data port
+    assert ("w", 0, (5).to_bytes(2, "little")) in accesses
+    assert any(kind == "r" and offset == 1 for kind, offset, _ in accesses)

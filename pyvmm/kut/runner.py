@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..exits import InternalErrorExit
 from .config import KutTest, machine_params
 from .cpu import apply_cpu, parse_cpu
 
@@ -208,8 +209,13 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
             else:
                 outcome.status = "FAIL"
                 outcome.reason = f"ended without debug-exit: {result.stop}"
-                if result.event is not None:
-                    outcome.reason += f" ({result.event})"
+                event = result.event
+                if isinstance(event, InternalErrorExit) and event.suberror == 1:
+                    rip = machine.vcpus[result.vcpu or 0].get_regs().rip
+                    outcome.reason += (f" (KVM's instruction emulator failed at RIP "
+                                       f"{rip:#x}: KVM_INTERNAL_ERROR_EMULATION)")
+                elif event is not None:
+                    outcome.reason += f" ({event})"
     except Exception as err:  # a broken image or device: this test's ERROR, not the run's
         outcome.status, outcome.reason = "ERROR", f"{type(err).__name__}: {err}"
     outcome.seconds = time.perf_counter() - start
