@@ -156,6 +156,27 @@ class GdbServer:
             self.log("gdb killed the guest")
         return self._session_result(ending)
 
+    @property
+    def target_arch(self) -> str:
+        """The register layout gdb gets: the one asked for, else the current mode of the
+        first vCPU ("x86-64", "i386" or "i8086")."""
+        if self.arch is not None:
+            return self.arch
+        return arch_of(self._vcpu(self._live[0]).get_sregs())
+
+    def gdb_command(self, elf: str | None = None) -> list[str]:
+        """A gdb command line for this stub: the architecture first where gdb cannot take
+        it from the payload's ELF (always x86-64, also for 16- and 32-bit code), then the
+        ELF for symbols, then the connection."""
+        argv = ["gdb"]
+        if self.target_arch != "x86-64":
+            argv += ["-ex", f"set architecture {self.target_arch}"]
+        if elf is not None:
+            argv += ["-ex", f"file {elf}"]
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return argv + ["-ex", f"target remote {host}:{port}"]
+
     def close(self) -> None:
         """Stop listening (a `serve()` waiting for gdb raises OSError)."""
         self._listener.close()
@@ -481,7 +502,7 @@ class GdbServer:
 
     def _arch(self) -> str:
         if self._session_arch is None:
-            self._session_arch = arch_of(self._vcpu(self._live[0]).get_sregs())
+            self._session_arch = self.target_arch
         return self._session_arch
 
     def _regfile(self) -> RegisterFile:
