@@ -31,6 +31,13 @@ __all__ = [
     "BP_VECTOR",
     "DB_VECTOR",
     "DR6_BS",
+    "GUESTDBG_BLOCKIRQ",
+    "GUESTDBG_ENABLE",
+    "GUESTDBG_INJECT_BP",
+    "GUESTDBG_INJECT_DB",
+    "GUESTDBG_SINGLESTEP",
+    "GUESTDBG_USE_HW_BP",
+    "GUESTDBG_USE_SW_BP",
     "HW_BREAKPOINT_SLOTS",
     "KVM_SET_GUEST_DEBUG",
     "KVM_TRANSLATE",
@@ -49,6 +56,7 @@ GUESTDBG_USE_SW_BP = _GUESTDBG["USE_SW_BP"]
 GUESTDBG_USE_HW_BP = _GUESTDBG["USE_HW_BP"]
 GUESTDBG_INJECT_DB = _GUESTDBG["INJECT_DB"]
 GUESTDBG_INJECT_BP = _GUESTDBG["INJECT_BP"]
+GUESTDBG_BLOCKIRQ = _GUESTDBG["BLOCKIRQ"]
 
 KVM_TRANSLATE = IOC(IOC_READ | IOC_WRITE, ioctls.KVMIO, 0x85, ffi.sizeof("struct kvm_translation"))
 KVM_SET_GUEST_DEBUG = IOC(IOC_WRITE, ioctls.KVMIO, 0x9B, ffi.sizeof("struct kvm_guest_debug"))
@@ -108,11 +116,13 @@ def dr7_value(breakpoints: Iterable[HwBreakpoint]) -> int:
 
 
 def debug_control(*, single_step: bool, sw_breakpoints: bool, hw_breakpoints: bool,
-                  inject: int | None = None) -> int:
+                  inject: int | None = None, block_irqs: bool = False) -> int:
     """The kvm_guest_debug.control word; 0 (debugging off) when nothing is asked for."""
     control = 0
     if single_step:
         control |= GUESTDBG_SINGLESTEP
+        if block_irqs:
+            control |= GUESTDBG_BLOCKIRQ
     if sw_breakpoints:
         control |= GUESTDBG_USE_SW_BP
     if hw_breakpoints:
@@ -142,15 +152,17 @@ def _as_breakpoints(hw_breakpoints: Iterable[HwBreakpoint | int]) -> list[HwBrea
 
 def set_guest_debug(vcpu: Vcpu, *, single_step: bool = False, sw_breakpoints: bool = False,
                     hw_breakpoints: Iterable[HwBreakpoint | int] = (),
-                    inject: int | None = None) -> None:
+                    inject: int | None = None, block_irqs: bool = False) -> None:
     """KVM_SET_GUEST_DEBUG: the whole debug configuration of `vcpu` at once (each call
     replaces the last; all defaults turn debugging off). `hw_breakpoints` are HwBreakpoint
     (or plain addresses, for execution breakpoints). `inject` queues a #DB (1) or #BP (3) for
-    the guest on the next entry."""
+    the guest on the next entry. `block_irqs` keeps interrupts from being taken while single
+    stepping (KVM_GUESTDBG_BLOCKIRQ, where KVM_CAP_SET_GUEST_DEBUG2 lists it)."""
     bps = _as_breakpoints(hw_breakpoints)
     req = ffi.new("struct kvm_guest_debug *")
     req.control = debug_control(single_step=single_step, sw_breakpoints=sw_breakpoints,
-                                hw_breakpoints=bool(bps), inject=inject)
+                                hw_breakpoints=bool(bps), inject=inject,
+                                block_irqs=block_irqs)
     for slot, bp in enumerate(bps):
         req.arch.debugreg[slot] = bp.address
     if bps:

@@ -501,16 +501,18 @@ class Vcpu:
     # -- guest debugging --
 
     def set_guest_debug(self, *, single_step: bool = False, sw_breakpoints: bool = False,
-                        hw_breakpoints=(), inject: int | None = None) -> None:
+                        hw_breakpoints=(), inject: int | None = None,
+                        block_irqs: bool = False) -> None:
         """KVM_SET_GUEST_DEBUG: stop with a DebugExit after every instruction
         (`single_step`), at the guest's int3 (`sw_breakpoints`), at up to four debug-register
         breakpoints and watchpoints (`hw_breakpoints`: `guestdebug.HwBreakpoint`s or
         addresses). Every call replaces the whole configuration; no arguments turn it off.
-        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run()."""
+        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run();
+        `block_irqs` steps without taking interrupts (KVM_GUESTDBG_BLOCKIRQ)."""
         from .guestdebug import set_guest_debug
 
         set_guest_debug(self, single_step=single_step, sw_breakpoints=sw_breakpoints,
-                        hw_breakpoints=hw_breakpoints, inject=inject)
+                        hw_breakpoints=hw_breakpoints, inject=inject, block_irqs=block_irqs)
 
     def translate(self, gva: int):
         """KVM_TRANSLATE: the guest-physical address of the linear address `gva` under the

@@ -8,9 +8,9 @@ after gdb detached (debugme reports `total`: 55 unless gdb changed something).
 
 kvm_pvm (this project's hosts) single-steps CPL0 code and stops it at debug-register
 execution breakpoints, but intercepts no int3, fires no data watchpoint and runs CPL3 code
-natively, so gdb's breakpoints live in debug registers there and its watchpoints are
-software ones (single-stepping); the hardware watchpoint and CPL3 tests are skipped by name
-here and run on stock KVM in the nested runner:
+natively (no breakpoint, no single step there), so gdb's breakpoints live in debug registers
+and its watchpoints are software ones (single-stepping). The CPL3 test is skipped by name
+here and runs on stock KVM in the nested runner:
 
     python -m pyvmm.testing.nested -- python -m pytest -q -m stock_kvm tests/test_gdb.py
 """
@@ -28,10 +28,10 @@ import threading
 import time
 
 import pytest
-from debug_support import CPL3, WATCHPOINTS, need
+from debug_support import need_cpl3_single_step
 
 from pyvmm import Machine
-from pyvmm.gdb import GdbServer, parse_address
+from pyvmm.gdb import DebugSupport, GdbServer, parse_address, probe
 from pyvmm.gdb import protocol as p
 from pyvmm.gdb.registers import layout, target_xml
 
@@ -61,12 +61,12 @@ class Session:
 
 
 def run_gdb(machine: Machine, payload, commands: list[str], *, interrupt: bool = False,
-            arch: str | None = None) -> Session:
+            arch: str | None = None, support: DebugSupport | None = None) -> Session:
     """Serve `machine` to `gdb -batch` running `commands`. With `interrupt`, send gdb a
     SIGINT (Ctrl-C) once a vCPU has been running for a moment."""
     gdb = _gdb()
     log: list[str] = []
-    server = GdbServer(machine, 0, arch=arch, log=log.append)
+    server = GdbServer(machine, 0, arch=arch, log=log.append, support=support)
     box: list = []
 
     def serve() -> None:
@@ -169,6 +169,22 @@ def test_break_continue_registers_and_detach():
     assert s.result.ok and s.result.values == [55]
 
 
+def test_breakpoints_found_by_single_stepping():
+    """The fallback where neither int3 nor debug registers stop the guest (kvm_amd under
+    QEMU TCG): the stub continues by single steps and stops at the breakpoint. Chosen here
+    by handing the stub a weaker DebugSupport; the steps are real."""
+    m, payload = _load("debugme")
+    with m:
+        s = run_gdb(m, payload, ["break bump", "break finish", "continue", "p $rcx",
+                                 "continue", "p $rcx", "delete 1", "continue", "p $pc",
+                                 "p *(int*)&total", "detach"],
+                    support=DebugSupport(False, False, False))
+    assert s.values[:2] == ["10", "9"]
+    assert "<finish>" in s.values[2] and s.values[3] == "55"
+    assert s.result.ok and s.result.values == [55]
+    assert s.result.exits["DebugExit"] > 50          # one per instruction stepped
+
+
 def test_write_registers_and_memory_change_the_result():
     m, payload = _load("debugme")
     with m:
@@ -213,22 +229,21 @@ def test_software_watchpoint_by_single_stepping():
     assert s.result.ok and s.result.values == [55]
 
 
-@pytest.mark.stock_kvm
-@pytest.mark.parametrize("name", ["debugme", "debugme_user"])
-def test_hardware_watchpoint(request, name):
-    need(request, WATCHPOINTS)
-    if name == "debugme_user":
-        need(request, CPL3)
-    m, payload = _load(name)
+def test_hardware_watchpoint_where_the_host_fires_them():
+    """gdb's default watchpoints are hardware ones (Z2). Where this KVM fires data
+    breakpoints (probe) they stop gdb; elsewhere the stub refuses Z2 and gdb says so."""
+    m, payload = _load("debugme")
     with m:
         s = run_gdb(m, payload, ["watch *(int*)&counter", "continue", "continue", "p $rcx",
-                                 "rwatch *(int*)&release", "delete 1", "continue",
                                  "delete", "detach"])
-    assert re.search(r"Hardware watchpoint 1: \*\(int\*\)&counter\s+Old value = 0\s+"
-                     r"New value = 1", s.output)
-    assert re.search(r"Old value = 1\s+New value = 2", s.output)
-    assert s.values[0] == "9"
-    assert re.search(r"Hardware read watchpoint 2: \*\(int\*\)&release\s+Value = 1", s.output)
+    if probe().watchpoints_fire:
+        assert re.search(r"Hardware watchpoint 1: \*\(int\*\)&counter\s+Old value = 0\s+"
+                         r"New value = 1", s.output)
+        assert re.search(r"Old value = 1\s+New value = 2", s.output)
+        assert s.values[0] == "9"
+    else:
+        assert "Could not insert hardware watchpoint 1." in s.output
+        assert s.values[0] == "0"               # the guest never ran: RCX is still 0
     assert s.result.ok and s.result.values == [55]
 
 
@@ -250,14 +265,19 @@ def test_every_cpu_mode(name, arch, pc):
 
 
 @pytest.mark.stock_kvm
-def test_cpl3_breakpoint_and_stepping(request):
-    need(request, CPL3)
+def test_cpl3_stepping_and_breakpoint(request):
+    """64-bit user mode (CPL3). Stock KVM single-steps it; the breakpoint is a debug
+    register, an int3 or found by single steps, whichever this KVM can do (kvm_amd under
+    QEMU TCG: single steps)."""
+    need_cpl3_single_step(request)
     m, payload = _load("debugme_user")
     with m:
-        s = run_gdb(m, payload, ["break bump", "continue", "p $rcx", "p $cs & 3", "stepi",
-                                 "p $pc", "delete", "detach"])
-    assert "Breakpoint 1, " in s.output and s.values[:2] == ["10", "3"]
-    assert "<bump+8>" in s.values[2]
+        s = run_gdb(m, payload, ["stepi", "stepi", "stepi", "p $pc", "p $rcx", "p $cs & 3",
+                                 "break bump", "continue", "p $pc", "stepi", "x/i $pc",
+                                 "delete", "detach"])
+    assert "<loop_top>" in s.values[0] and s.values[1:3] == ["10", "3"]
+    assert "Breakpoint 1, " in s.output and "<bump>" in s.values[3]
+    assert re.search(r"=> 0x[0-9a-f]+ <bump\+8>:\s+lock incl", s.output)
     assert s.result.ok and s.result.values == [55]
 
 

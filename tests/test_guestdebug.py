@@ -3,8 +3,9 @@
 (KVM_TRANSLATE), through the Python API against the real /dev/kvm.
 
 Small real-mode guests (CPL0: emulated on kvm_pvm, which single-steps them and checks their
-execution breakpoints), the debugme payloads for paging, and the parts this host lacks (int3
-intercept, data watchpoints, CPL3) skipped by name and run on stock KVM in the nested runner.
+execution breakpoints) and the debugme payloads for paging. What differs by host (int3
+intercept, data watchpoints) is checked against what pyvmm.gdb.probe measured; CPL3
+single-stepping, which kvm_pvm lacks, is skipped by name and runs in the nested runner.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import shutil
 import subprocess
 
 import pytest
-from debug_support import CPL3, INT3, WATCHPOINTS, need
+from debug_support import need_cpl3_single_step
 from helpers import LOAD, code, expect, guest
 
 from pyvmm import Machine, exits
 from pyvmm.errors import ClosedError
+from pyvmm.gdb import probe
 from pyvmm.guestdebug import (KVM_SET_GUEST_DEBUG, KVM_TRANSLATE, HwBreakpoint, Translation,
                               debug_control, dr7_value)
 
@@ -59,6 +61,11 @@ def test_control_word():
     assert debug_control(single_step=True, sw_breakpoints=False, hw_breakpoints=False) == 0x3
     assert debug_control(single_step=False, sw_breakpoints=True, hw_breakpoints=True,
                          inject=3) == 0x1 | 0x10000 | 0x20000 | 0x80000
+    # interrupts blocked only while stepping
+    assert debug_control(single_step=True, sw_breakpoints=False, hw_breakpoints=False,
+                         block_irqs=True) == 0x100003
+    assert debug_control(single_step=False, sw_breakpoints=True, hw_breakpoints=False,
+                         block_irqs=True) == 0x10001
     with pytest.raises(ValueError, match="#DB"):
         debug_control(single_step=False, sw_breakpoints=False, hw_breakpoints=False, inject=14)
 
@@ -175,50 +182,61 @@ def test_translate_long_mode_follows_the_page_tables(kvm):
         assert not vcpu.translate(0xFFFF_8000_0000_0000).valid
 
 
-# ------------------------------------------------------------- parts kvm_pvm lacks (nested)
+# ------------------------------------------- parts that differ by host (measured, then checked)
 
-@pytest.mark.stock_kvm
 @pytest.mark.parametrize("kind", ["write", "access"])
-def test_watchpoint_stops_after_the_access(request, vm, kind):
-    need(request, WATCHPOINTS)
+def test_watchpoints_fire_where_the_probe_says(vm, kind):
     vcpu = guest(vm, PROGRAM)
     vcpu.set_guest_debug(hw_breakpoints=[HwBreakpoint(DATA, kind, 2)])
-    ex = expect(vcpu, exits.DebugExit)
+    ex = vcpu.run(timeout=5)
+    assert isinstance(ex, exits.DebugExit) == probe().watchpoints_fire
     addrs = _addresses()
-    # A data breakpoint is a trap: the store has happened, RIP is past it.
-    assert (ex.exception, ex.breakpoints, ex.pc) == (1, (0,), addrs[4])
-    assert vm.memory.read(DATA, 2) == b"\x01\x00"
-    if kind == "access":                        # the load stops too
-        ex = expect(vcpu, exits.DebugExit)
-        assert (ex.breakpoints, ex.pc) == ((0,), addrs[5])
-    vcpu.set_guest_debug()
-    assert expect(vcpu, exits.IoExit).port == 0x80
+    if isinstance(ex, exits.DebugExit):
+        # A data breakpoint is a trap: the store has happened, RIP is past it.
+        assert (ex.exception, ex.breakpoints, ex.pc) == (1, (0,), addrs[4])
+        assert vm.memory.read(DATA, 2) == b"\x01\x00"
+        if kind == "access":                    # the load stops too
+            ex = expect(vcpu, exits.DebugExit)
+            assert (ex.breakpoints, ex.pc) == ((0,), addrs[5])
+        vcpu.set_guest_debug()
+        ex = vcpu.run(timeout=5)
+    assert isinstance(ex, exits.IoExit) and ex.port == 0x80
+    assert vm.memory.read(DATA, 2) == b"\x01\x00" and vcpu.get_regs().rdx & 0xFFFF == 1
+
+
+def test_int3_is_intercepted_where_the_probe_says(kvm):
+    """The probe tries real mode; this is 64-bit CPL0: an int3 planted at bump."""
+    with Machine(kvm=kvm) as m:
+        payload = m.load("debugme")
+        bump = payload.symbol("bump")
+        m.memory.write(bump, b"\xcc")
+        m.vcpus[0].set_guest_debug(sw_breakpoints=True)
+        m.exit_handlers[exits.DebugExit] = lambda ex, vcpu: "stopped"
+        result = m.run(timeout=10)
+    intercepted = isinstance(result.last_exit, exits.DebugExit)
+    assert intercepted == probe().int3_intercepted
+    if intercepted:
+        assert (result.last_exit.exception, result.last_exit.pc) == (3, bump)
+    else:                                       # the guest got it, or the emulator gave up
+        assert not result.ok
 
 
 @pytest.mark.stock_kvm
-def test_int3_is_intercepted(request, vm):
-    need(request, INT3)
-    vcpu = guest(vm, "movw $7, %ax\nint3\nmovw $8, %ax\noutb %al, $0x80\nhlt\n")
-    vcpu.set_guest_debug(sw_breakpoints=True)
-    ex = expect(vcpu, exits.DebugExit)
-    assert (ex.exception, ex.pc) == (3, LOAD + 4)
-    assert vcpu.get_regs().rax & 0xFFFF == 7
-
-
-@pytest.mark.stock_kvm
-def test_cpl3_breakpoint_and_single_step(request, kvm):
-    need(request, CPL3)
+def test_cpl3_single_step(request, kvm):
+    need_cpl3_single_step(request)
     with Machine(kvm=kvm) as m:
         payload = m.load("debugme_user")
         vcpu = m.vcpus[0]
         stops = []
         m.exit_handlers[exits.DebugExit] = lambda ex, v: stops.append(ex) or "stopped"
-        vcpu.set_guest_debug(hw_breakpoints=[payload.symbol("bump")])
-        m.run(timeout=30)
-        assert stops[-1].pc == payload.symbol("bump") and stops[-1].breakpoints == (0,)
         vcpu.set_guest_debug(single_step=True)
-        m.run(timeout=30)
-        assert stops[-1].single_step and stops[-1].pc == payload.symbol("bump") + 8
+        for _ in range(3):
+            m.run(timeout=30)
+        start, loop_top = payload.symbol("start"), payload.symbol("loop_top")
+        # testl %esi, %esi; jz 1f (taken: ESI = 0); 1: movl $10, %ecx; loop_top
+        assert [ex.pc for ex in stops] == [start + 2, loop_top - 5, loop_top]
+        assert all(ex.single_step for ex in stops)
+        assert vcpu.get_regs().rcx == 10
         vcpu.set_guest_debug()
         result = m.run(timeout=30)
         assert result.ok and result.values == [55]

@@ -1,17 +1,35 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """What this host's KVM does with guest debugging, measured on a throwaway VM.
 
-KVM_CAP_SET_GUEST_DEBUG2 lists the control bits a KVM accepts, not what it delivers. kvm_pvm
-(a nested KVM that emulates CPL0 guest code) accepts them all, yet its instruction emulator
-cannot execute an int3 (real mode sends it through the guest's IVT, protected modes end in an
-emulation failure) and it never checks data breakpoints. So the stub asks the host once, in
-real mode (a few emulated instructions):
+KVM_CAP_SET_GUEST_DEBUG2 lists the control bits a KVM accepts, not what it delivers, and the
+KVMs this project runs on differ (measured):
 
-- `int3_intercepted`: an int3 with KVM_GUESTDBG_USE_SW_BP comes back as a #BP DebugExit.
-  Where it does not, the stub plants gdb's software breakpoints in debug registers instead.
-- `watchpoints_fire`: a store under a debug-register write watchpoint comes back as a #DB
-  DebugExit. Where it does not, the stub refuses Z2-Z4 and gdb can fall back to software
-  watchpoints (`set can-use-hw-watchpoints 0`: single-stepping, which works everywhere).
+================================  =========  ========================  ==================
+                                  kvm_pvm    kvm_amd under QEMU TCG    stock KVM on metal
+================================  =========  ========================  ==================
+single-step, CPL0                 yes        yes                       yes
+single-step, CPL3                 no (#DB    yes                       yes
+                                  to guest)
+int3 intercepted (USE_SW_BP)      no         no (the guest gets #BP)   yes
+debug-register breakpoints, CPL0  yes        no                        yes
+debug-register breakpoints, CPL3  no         no                        yes
+data watchpoints                  no         no                        yes
+================================  =========  ========================  ==================
+
+kvm_pvm emulates CPL0 code (its emulator checks execution breakpoints, cannot run an int3
+and never checks data breakpoints) and runs CPL3 code natively without the debug registers;
+QEMU's TCG, which runs the nested kvm_amd, does not apply a VMCB's DR7 nor intercept INT3 as
+a #BP. So the stub asks the host, once, in real mode (a few emulated instructions):
+
+- `int3_intercepted`: an int3 under KVM_GUESTDBG_USE_SW_BP comes back as a #BP DebugExit;
+  gdb's software breakpoints are then int3 bytes in guest memory.
+- `exec_breakpoints_fire`: a debug-register execution breakpoint stops the guest; without
+  int3, software breakpoints then take debug registers, and without either, the stub
+  continues by single steps and stops where a breakpoint is (slow, but it works wherever
+  single-stepping does).
+- `watchpoints_fire`: a store under a write watchpoint comes back as a #DB DebugExit; without
+  it the stub refuses Z2-Z4 and gdb can use software watchpoints
+  (`set can-use-hw-watchpoints 0`: gdb single-steps and compares).
 """
 
 from __future__ import annotations
@@ -43,6 +61,7 @@ class DebugSupport:
     """The outcome of `probe()`."""
 
     int3_intercepted: bool
+    exec_breakpoints_fire: bool
     watchpoints_fire: bool
 
 
@@ -70,6 +89,9 @@ def probe() -> DebugSupport:
     with Kvm() as kvm:
         bp = _run_once(kvm, _INT3, sw_breakpoints=True)
         wp = _run_once(kvm, _STORE, hw_breakpoints=[HwBreakpoint(_DATA, "write", 1)])
+        xp = _run_once(kvm, _STORE, hw_breakpoints=[HwBreakpoint(_CODE + len(_STORE) - 1)])
     int3 = isinstance(bp, DebugExit) and bp.exception == BP_VECTOR
     watch = isinstance(wp, DebugExit) and wp.exception == DB_VECTOR
-    return DebugSupport(int3_intercepted=int3, watchpoints_fire=watch)
+    exec_ = isinstance(xp, DebugExit) and xp.exception == DB_VECTOR
+    return DebugSupport(int3_intercepted=int3, exec_breakpoints_fire=exec_,
+                        watchpoints_fire=watch)

@@ -84,11 +84,14 @@ class GdbServer:
     """A gdb stub for `machine`, listening on `address` (see `parse_address`; port 0 picks a
     free one, `self.address` says which). `arch` forces the register layout ("x86-64",
     "i386", "i8086"); by default it is the mode of vCPU 0 when gdb connects. `log` receives
-    one line per event worth telling the user (default: stderr)."""
+    one line per event worth telling the user (default: stderr). `support` is what the host
+    can do (`probe()`, measured, by default); a weaker one picks a fallback (software
+    breakpoints in debug registers, or found by single-stepping)."""
 
     def __init__(self, machine: Any, address: str | int | tuple[str, int] = "127.0.0.1:1234",
                  *, arch: str | None = None, allow_remote: bool = False,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None,
+                 support: DebugSupport | None = None) -> None:
         host, port = parse_address(address)
         if not allow_remote and not _is_loopback(host):
             raise ValueError(f"the gdb stub listens on loopback only (asked for {host}): it "
@@ -109,7 +112,7 @@ class GdbServer:
             self._listener.close()
             raise
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
-        self.support: DebugSupport = probe()
+        self.support: DebugSupport = support if support is not None else probe()
         self.memory = GuestMemory(machine)
         self.breakpoints = Breakpoints(machine, self.memory, self.support)
         self._conn: socket.socket | None = None
@@ -121,6 +124,7 @@ class GdbServer:
         self._event: tuple[int, StopReason] | None = None
         self._event_lock = threading.Lock()
         self._interrupted = False
+        self._machine_running = False
         self._last_stop = f"T05thread:{self._live[0] + 1:x};"
         self._results: list[RunResult] = []
         self._pending: list[bytes] = []
@@ -263,7 +267,8 @@ class GdbServer:
 
     def _interrupt(self) -> None:
         self._interrupted = True
-        self.machine.stop("stopped")
+        if self._machine_running:               # between runs there is nothing to stop
+            self.machine.stop("stopped")
 
     # -- packets ----------------------------------------------------------------------------
 
@@ -407,6 +412,8 @@ class GdbServer:
             regs = vcpu.get_regs()
             regs.rip = int(addr, 16)
             vcpu.set_regs(regs)
+        if not step and self.breakpoints.stepped:
+            return self._continue_by_steps()
         self.breakpoints.stepping = stepper if step else None
         self.breakpoints.apply_all()
         vcpus = [stepper] if step else list(self._live)
@@ -428,6 +435,7 @@ class GdbServer:
                 os.write(self._wake_w, b"x")
 
         thread = threading.Thread(target=runner, name="pyvmm-gdb-run", daemon=True)
+        self._machine_running = True
         thread.start()
         while True:
             ready, _, _ = select.select([self._conn, self._wake_r], [], [])
@@ -443,9 +451,52 @@ class GdbServer:
                 continue
             self._take(data)
         thread.join()
+        self._machine_running = False
         result = done.get()
         self._results.append(result)
         return result
+
+    def _continue_by_steps(self) -> str | tuple:
+        """`c` where breakpoints cannot be planted (no int3 intercept, no debug-register
+        breakpoints): single-step the live vCPUs in turn until one reaches a breakpoint,
+        stops for another reason, or gdb sends Ctrl-C."""
+        self._interrupted = False
+        bps = self.breakpoints
+        while True:
+            for vcpu_id in list(self._live):
+                vcpu = self._vcpu(vcpu_id)
+                bps.stepping = vcpu_id
+                bps.apply(vcpu)
+                self._event = None
+                result = self.machine.run(timeout=None, vcpus=[vcpu_id])
+                self._results.append(result)
+                bps.stepping = None
+                bps.apply(vcpu)
+                event = self._event
+                if event is None and result.stop == "done" and self._finished(vcpu_id):
+                    self._live.remove(vcpu_id)      # this vCPU is through; the others go on
+                    if not self._live:
+                        return self._stop_reply(result, [])
+                    continue
+                if event is None or event[1].kind != "step":
+                    return self._stop_reply(result, [vcpu_id])
+                sregs, regs = vcpu.get_sregs(), vcpu.get_regs()
+                if sregs.cs.base + regs.rip in bps.stepped:
+                    self._event = (vcpu_id, StopReason("swbreak"))
+                    return self._stop_reply(result, [vcpu_id])
+            ready, _, _ = select.select([self._conn], [], [], 0)
+            if ready:
+                try:
+                    data = self._conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._interrupt()
+                else:
+                    self._take(data)
+            if self._interrupted:
+                self._event = None
+                return self._stop_reply(RunResult(stop="stopped"), [])
 
     def _on_debug(self, exit: DebugExit, vcpu: Any) -> str | None:
         """The machine's DebugExit handler (runs on the vCPU's thread)."""

@@ -8,8 +8,10 @@ Software breakpoints planted in memory are hidden from reads, as gdb expects.
 
 Breakpoints: Z0 plants an int3 where the host intercepts it (`probe.DebugSupport`), and takes
 a debug register otherwise; Z1 (hardware breakpoint) and Z2/Z3/Z4 (write, read, access
-watchpoints) take debug registers, four in all. Every vCPU gets the same configuration, only
-the vCPU being single-stepped has single-step on.
+watchpoints) take debug registers, four in all. Where debug-register breakpoints do not fire
+either, Z0/Z1 become "stepped" breakpoints: the server continues by single steps and stops
+at them (`stepped`). Every vCPU gets the same configuration, only the vCPU being
+single-stepped has single-step on.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exits import DebugExit
-from ..guestdebug import (BP_VECTOR, DB_VECTOR, DR6_BS, HW_BREAKPOINT_SLOTS, HwBreakpoint,
-                          set_guest_debug)
+from ..caps import Cap
+from ..guestdebug import (BP_VECTOR, DB_VECTOR, DR6_BS, GUESTDBG_BLOCKIRQ, HW_BREAKPOINT_SLOTS,
+                          HwBreakpoint, set_guest_debug)
 from .probe import DebugSupport
 
 __all__ = ["Breakpoints", "GuestMemory", "NoSlot", "StopReason"]
 
 PAGE = 0x1000
+SET_GUEST_DEBUG2 = Cap.SET_GUEST_DEBUG2
 INT3 = b"\xcc"
 
 #: gdb's Z types: what each asks for and how a stop on it is reported.
@@ -103,8 +107,13 @@ class Breakpoints:
         self.support = support
         self._int3: dict[int, tuple[int, bytes]] = {}   # gva -> (gpa, original byte)
         self._slots: list[_Slot] = []
+        #: Breakpoints the server finds by single-stepping (no int3, no debug registers).
+        self.stepped: set[int] = set()
         self._lock = threading.Lock()
         self.stepping: int | None = None               # id of the vCPU being stepped
+        # Step without diving into interrupt handlers, where this KVM can.
+        caps = machine.vm.check_extension(SET_GUEST_DEBUG2) if machine.vcpus else 0
+        self.block_irqs = bool(caps & GUESTDBG_BLOCKIRQ)
 
     # -- inserting and removing
 
@@ -117,6 +126,9 @@ class Breakpoints:
             original = self.machine.memory.read(gpa, 1)
             self.machine.memory.write(gpa, INT3)
             self._int3[address] = (gpa, original)
+            return
+        if ztype in (0, 1) and not self.support.exec_breakpoints_fire:
+            self.stepped.add(address)
             return
         if ztype in (0, 1):
             bp = HwBreakpoint(address, "exec", 1)
@@ -133,6 +145,9 @@ class Breakpoints:
             gpa, original = self._int3.pop(address)
             self.machine.memory.write(gpa, original)
             return
+        if ztype in (0, 1) and address in self.stepped:
+            self.stepped.discard(address)
+            return
         for slot in self._slots:
             if slot.ztype == ztype and slot.bp.address == address:
                 self._slots.remove(slot)
@@ -143,6 +158,7 @@ class Breakpoints:
         for address in list(self._int3):
             self.remove(0, address, 1)
         self._slots.clear()
+        self.stepped.clear()
         self.stepping = None
         for vcpu in self.machine.vcpus:
             set_guest_debug(vcpu)
@@ -171,7 +187,8 @@ class Breakpoints:
         """KVM_SET_GUEST_DEBUG for `vcpu` with the current breakpoints (and `inject`)."""
         set_guest_debug(vcpu, single_step=self.stepping == vcpu.id,
                         sw_breakpoints=bool(self._int3),
-                        hw_breakpoints=[s.bp for s in self._slots], inject=inject)
+                        hw_breakpoints=[s.bp for s in self._slots], inject=inject,
+                        block_irqs=self.block_irqs)
 
     def apply_all(self) -> None:
         for vcpu in self.machine.vcpus:
