@@ -95,12 +95,14 @@ def run_gdb(machine: Machine, payload, commands: list[str], *, interrupt: bool =
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        if not any(line.startswith("gdb connected") for line in log):
+            server.close()                      # gdb never came: end the wait for it
         thread.join(GDB_TIMEOUT)
         server.close()
-    assert not thread.is_alive(), f"the stub did not end; gdb said:\n{proc.stdout}"
+    assert not thread.is_alive(), f"the stub did not end; gdb said:\n{output}"
     result = box[0]
     if isinstance(result, BaseException):
-        raise result
+        raise AssertionError(f"the stub failed ({result!r}); gdb said:\n{output}") from result
     return Session(output, result, log)
 
 
