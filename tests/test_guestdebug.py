@@ -116,7 +116,7 @@ def test_ioctl_numbers_match_the_kernel(tmp_path):
                                      0x10000, 0x20000, 0x40000, 0x80000]
 
 
-# ---------------------------------------------------------------------- CPL0 (works everywhere)
+# ------------------------------------------------------------------------------------ CPL0
 
 def test_single_step_reports_every_instruction(vm):
     vcpu = guest(vm, PROGRAM)
@@ -135,10 +135,16 @@ def test_single_step_reports_every_instruction(vm):
 
 
 def test_execution_breakpoints_name_their_slot(vm):
+    """They fire at CPL0 on kvm_pvm (its emulator checks them) and on stock KVM, but not on
+    kvm_amd under QEMU TCG, which applies no VMCB DR7: checked against the probe there."""
     vcpu = guest(vm, PROGRAM)
     addrs = _addresses()
     vcpu.set_guest_debug(hw_breakpoints=[HwBreakpoint(addrs[4]), addrs[2]])
-    ex = expect(vcpu, exits.DebugExit)
+    ex = vcpu.run(timeout=5)
+    assert isinstance(ex, exits.DebugExit) == probe().exec_breakpoints_fire
+    if not probe().exec_breakpoints_fire:
+        assert isinstance(ex, exits.IoExit) and ex.port == 0x80
+        return
     # Execution breakpoints stop before the instruction: the third mov has not run.
     assert (ex.exception, ex.pc, ex.breakpoints, ex.single_step) == (1, addrs[2], (1,), False)
     assert vcpu.get_regs().rcx & 0xFFFF == 0
