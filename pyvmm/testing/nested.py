@@ -303,7 +303,7 @@ def run_nested(command: list[str] | None = None, *, cwd: str | os.PathLike | Non
     $PYVMM_PASSED (inherited or in ``env``) is written back to the host path after the run; an
     inherited $PYVMM_CAP_SKIPS is dropped, so the local run's file is not overwritten.
     """
-    if stream == "stdout":  # resolved now, not at import (pytest swaps sys.stdout)
+    if isinstance(stream, str):  # "stdout": resolved now, not at import (pytest swaps sys.stdout)
         stream = sys.stdout
     command = list(command or DEFAULT_COMMAND)
     python = python or sys.executable
@@ -366,6 +366,7 @@ def _boot(qcmd: list[str], *, timeout: float, stream: TextIO | None) -> NestedRe
     proc = subprocess.Popen(qcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             preexec_fn=_pdeathsig_setter())  # noqa: PLW1509
+    assert proc.stdout is not None  # stdout=PIPE
     try:
         fd = proc.stdout.fileno()
         decoder = _decoder()

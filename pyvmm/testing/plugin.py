@@ -24,6 +24,11 @@ Reporting
     skipped for which capability. ``PYVMM_CAP_SKIPS=<path>`` writes the tests skipped for a
     capability as JSON; ``PYVMM_PASSED=<path>`` writes the passed, failed and skipped test ids.
     ``pyvmm nested --check-skips LOCAL NESTED`` compares the two (see pyvmm.testing.nested).
+
+pytest-xdist
+    Works under ``pytest -n N``: the fixtures are per test, so every worker opens its own KVM
+    handles and VMs; the workers' reports reach the controller, which alone writes the JSON
+    files and the summary line, merged over all workers (tests/test_xdist.py).
 """
 
 from __future__ import annotations
@@ -122,8 +127,8 @@ def _cap_number_and_name(cap) -> tuple[int, str]:
         except (ImportError, KeyError) as e:
             raise pytest.UsageError(f"requires_cap: unknown capability {cap!r}") from e
     if isinstance(cap, int):
-        name = getattr(cap, "name", None)
-        if name is None:
+        name = str(getattr(cap, "name", ""))
+        if not name:
             try:
                 from pyvmm import Cap
                 name = Cap(cap).name
@@ -225,12 +230,11 @@ def pytest_runtest_setup(item) -> None:
         minimum = int(marker.kwargs.get("min", 1))
         for cap in marker.args:
             number, name = _cap_number_and_name(cap)
+            error: str | None = None
             try:
                 value = probe.value(number, on_vm)
             except OSError as e:
                 value, error = 0, f"/dev/kvm unavailable: {e.strerror or e}"
-            else:
-                error = None
             if error is not None:
                 _no_kvm(error)
             if value < minimum and name not in missing:
