@@ -33,8 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..exits import DebugExit
-from ..guests.ucall import PORT_DONE
-from ..machine import RunResult
+from ..runloop import RunResult
+from ..ucall import PORT_DONE
 from . import protocol as p
 from .probe import DebugSupport, probe
 from .registers import ARCHS, RegisterFile, arch_of, target_xml
@@ -535,7 +535,7 @@ class GdbServer:
             elif result.stop == "done":
                 signal = SIGTRAP              # one vCPU finished; gdb sees the others
             else:
-                signal = _STOP_SIGNALS.get(result.stop, SIGTRAP)
+                signal = _STOP_SIGNALS.get(str(result.stop), SIGTRAP)
                 self.log(f"the guest stopped: {result.summary().splitlines()[0]}"
                          + (f" ({result.event})" if result.event is not None else ""))
             reply = f"T{signal:02x}thread:{vcpu_id + 1:x};"
