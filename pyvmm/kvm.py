@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi
@@ -47,6 +48,29 @@ def cpuid_from_c(buf) -> list[CpuidEntry]:
             for e in (buf.entries[i] for i in range(buf.nent))]
 
 
+def grow_buffer(make: Callable[[int], Any], call: Callable[[Any], object], start: int,
+                limit: int) -> Any:
+    """The one loop for ioctls that answer E2BIG when their buffer is too small: `make(n)` a
+    buffer of n entries, `call(buf)`, doubling n up to `limit`; returns the filled buffer."""
+    n = start
+    while True:
+        buf = make(n)
+        try:
+            call(buf)
+        except KvmError as err:
+            if err.errno == errno.E2BIG and n < limit:
+                n *= 2
+                continue
+            raise
+        return buf
+
+
+def grow_cpuid(call: Callable[[Any], object]) -> Any:
+    """A `struct kvm_cpuid2 *` filled by `call(buf)` (KVM_GET_*CPUID*), grown as needed."""
+    return grow_buffer(lambda n: ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n}),
+                       call, 128, 4096)
+
+
 def cpuid_vendor(entries) -> str:
     """The vendor string of CPUID leaf 0 in `entries` ("AuthenticAMD", ...), or ""."""
     for entry in entries:
@@ -70,6 +94,16 @@ def _unavailable(path: str, err: OSError) -> KvmUnavailable:
     exc = KvmUnavailable(err.errno, why)
     exc.filename = path
     return exc
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What a VM and its vCPUs take from the system handle when the VM is created."""
+
+    vcpu_mmap_size: int
+    max_vcpu_id: int
+    supported_cpuid_buffer: Callable[[], Any]   # the struct KVM_SET_CPUID2 takes, built once
+    cpu_vendor: Callable[[], str]               # "AuthenticAMD", "GenuineIntel", ...
 
 
 class Kvm:
@@ -119,18 +153,23 @@ class Kvm:
             self._mmap_size = io.ioctl(self.fileno(), io.KVM_GET_VCPU_MMAP_SIZE, role=self.role)
         return self._mmap_size
 
+    @property
+    def max_vcpus(self) -> int:
+        """How many vCPUs a VM may have (KVM_CAP_MAX_VCPUS, else the recommended NR_VCPUS)."""
+        return self.check_extension(Cap.MAX_VCPUS) or self.check_extension(Cap.NR_VCPUS) or 1
+
+    @property
+    def max_vcpu_id(self) -> int:
+        """The highest vCPU id plus one that KVM_CREATE_VCPU accepts (KVM_CAP_MAX_VCPU_ID,
+        else max_vcpus, as api.rst says)."""
+        return self.check_extension(Cap.MAX_VCPU_ID) or self.max_vcpus
+
     def _cpuid(self, request: int) -> list[CpuidEntry]:
-        nent = 128
-        while True:
-            buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
-            try:
-                io.ioctl(self.fileno(), request, buf, role=self.role)
-            except KvmError as err:
-                if err.errno == errno.E2BIG and nent < 4096:
-                    nent *= 2
-                    continue
-                raise
-            return cpuid_from_c(buf)
+        return cpuid_from_c(grow_cpuid(lambda buf: self.ioctl(request, buf)))
+
+    def ioctl(self, request: int, arg: object = 0, detail: str | None = None) -> int:
+        """One ioctl on the system fd (KvmError on failure)."""
+        return io.ioctl(self.fileno(), request, arg, self.role, detail)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: what a guest may be given with `vcpu.set_cpuid()`.
@@ -164,23 +203,23 @@ class Kvm:
 
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
-        n = 256
-        while True:
-            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
-            try:
-                io.ioctl(self.fileno(), io.KVM_GET_MSR_INDEX_LIST, buf, role=self.role)
-            except KvmError as err:
-                if err.errno == errno.E2BIG and n < 65536:
-                    n *= 4
-                    continue
-                raise
-            return [buf.indices[i] for i in range(buf.nmsrs)]
+        buf = grow_buffer(lambda n: ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n}),
+                          lambda b: self.ioctl(io.KVM_GET_MSR_INDEX_LIST, b), 256, 65536)
+        return [buf.indices[i] for i in range(buf.nmsrs)]
 
     def create_vm(self, vm_type: int = 0) -> Vm:
+        """KVM_CREATE_VM. The Vm gets what its vCPUs need from this handle now (the kvm_run
+        size, the vCPU id limit, CPUID providers); it never calls back here."""
         from .vm import Vm
 
-        fd = io.ioctl(self.fileno(), io.KVM_CREATE_VM, vm_type, role=self.role)
-        return Vm(self, fd)
+        mmap_size, max_id = self.vcpu_mmap_size, self.max_vcpu_id
+        fd = self.ioctl(io.KVM_CREATE_VM, vm_type)
+        try:
+            return Vm(fd, VmConfig(mmap_size, max_id, self.supported_cpuid_buffer,
+                                   lambda: self.cpu_vendor), kvm=self)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @property
     def closed(self) -> bool:
