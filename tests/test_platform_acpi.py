@@ -189,3 +189,22 @@ def test_guest_finds_the_fadt_reads_the_pm_timer_and_powers_off(kvm):
     assert got[1] == addresses["RSD PTR "] and got[2] == addresses["RSDT"]
     assert got[3] == addresses["FACP"] and got[4] == 0x608 and got[6] == 0x604
     assert 0 < got[5] < PM_TIMER_HZ                  # the timer moved, by less than a second
+
+
+def test_guest_suspends_to_ram_and_resumes_at_its_waking_vector_on_the_rtc_alarm(kvm):
+    with PcPlatform.create(memory_size=16 << 20, kvm=kvm) as pc:
+        pc.machine.load("pc_s3", regs={"rdi": 0})
+        result = pc.run(timeout=30)
+        assert pc.power_event == "resume" and pc.pm.sleeps == [1]
+        assert int.from_bytes(pc.pm.read(0, 2), "little") & WAK_STS
+    # the real-mode resume code reported the dword at 0 through debug-exit: (0x2a << 1) | 1
+    assert result.stop == "done" and result.status == 0x55, result.summary()
+    assert result.duration < 30
+
+
+def test_without_an_alarm_a_suspended_guest_stays_asleep(kvm):
+    with PcPlatform.create(memory_size=16 << 20, kvm=kvm) as pc:
+        pc.machine.load("pc_s3", regs={"rdi": 1})
+        result = pc.run(timeout=30)
+        assert pc.power_event == "suspend"
+    assert result.stop == "stopped" and result.status is None, result.summary()

@@ -44,3 +44,4 @@ from .i8042 import I8042, SystemControlA  # noqa: E402
 from .rtc import Rtc  # noqa: E402
 
 __all__ += ["AcpiPm", "I8042", "Rtc", "SystemControlA"]
+from . import firmware  # noqa: E402,F401  (the BIOS state: IVT, BDA, 8259/PIT init stub)

@@ -122,6 +122,7 @@ class Rtc:
         base = self._fields(self._frozen or 0)
         base = {k: fields.get(k, v) for k, v in base.items()}
         year = self._decode(base[CENTURY]) * 100 + self._decode(base[YEAR])
+        when: float
         try:
             when = calendar.timegm((year, self._decode(base[MONTH]),
                                     self._decode(base[DAY_OF_MONTH]),
@@ -143,6 +144,18 @@ class Rtc:
         if rate <= 2:
             rate += 7            # rates 1 and 2 are 3.90625 ms and 7.8125 ms
         return max((1 << (rate - 1)) / 32768.0, MIN_PERIOD)
+
+    def seconds_to_alarm(self, horizon: int = 86400) -> float | None:
+        """How long until the alarm goes off (None: the alarm interrupt is not enabled, or
+        no second within `horizon` matches). What a sleeping machine waits for to wake."""
+        with self._lock:
+            if not self.cmos[REG_B] & B_AIE or self._frozen is not None:
+                return None
+            t = self._guest_time()
+            for second in range(int(t) + 1, int(t) + 1 + horizon):
+                if self._alarm_matches(second):
+                    return second - t
+        return None
 
     # -- events ------------------------------------------------------------------------------
 
@@ -267,6 +280,11 @@ class Rtc:
                     return bytes([self._written[index]])
                 return bytes([self._fields(self._guest_time())[index]])
             return bytes([self.cmos[index]])
+
+    @property
+    def timer_running(self) -> bool:
+        """Whether the interrupt timer is armed (an enabled interrupt is due)."""
+        return self._timer is not None
 
     def close(self) -> None:
         """Stop the interrupt timer."""

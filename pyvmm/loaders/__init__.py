@@ -1,4 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Loaders: put a kernel image into guest memory and set the vCPU state its entry expects.
-Loaders only write memory and set vCPU state (no devices), so a loaded machine can be
-snapshotted and restored without them."""
+"""Loaders: put a kernel of a known boot format in guest memory and set the vCPU state its
+boot protocol asks for. They write memory and registers only; devices are the platform's."""
+
+from .multiboot import MultibootError, MultibootImage, MultibootInfo, load_multiboot, parse_image
+
+__all__ = ["MultibootError", "MultibootImage", "MultibootInfo", "load_multiboot", "parse_image"]
