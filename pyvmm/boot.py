@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loaders import bzimage, pvh
+from .loaders.linux import load_linux
 from .virtio import WINDOW, Block, Console, Entropy, attach
 from .virtio import acpi as virtio_acpi
 
@@ -189,12 +189,9 @@ class LinuxMachine:
             # Announced in ACPI (an SSDT): Debian's kernel has no virtio_mmio.device=.
             virtio_acpi.add_table(m.memory, self.platform.acpi, virtio_acpi.ssdt(windows))
             self.cmdline = f"{BASE_CMDLINE} {append}".strip()
-            image = Path(kernel).read_bytes()
-            ramdisk = Path(initrd).read_bytes() if initrd is not None else None
-            loader = pvh if image[:4] == b"\x7fELF" else bzimage
             t0 = time.monotonic()
-            loader.load(m.vm, m.vcpus, image, ram_size=memory, cmdline=self.cmdline,
-                        initrd=ramdisk, rsdp=self.platform.acpi.rsdp_address)
+            load_linux(m, kernel, initrd=initrd, cmdline=self.cmdline,
+                       rsdp=self.platform.acpi.rsdp_address)
             self.load_s = time.monotonic() - t0
         except BaseException:
             self.close()

@@ -165,3 +165,20 @@ def test_bzimage_rejects_bad_images():
         bzimage.parse(tiny_bzimage(BZ_CODE, xloadflags=0))
     with pytest.raises(ValueError, match="older than 2.12"):
         bzimage.parse(tiny_bzimage(BZ_CODE, version=0x20A))
+
+
+def test_load_linux_picks_the_format(kvm, tmp_path):
+    from pyvmm.loaders.linux import load_linux, ram_size
+
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(pvh_elf(PVH_CODE))
+    with Machine(kvm=kvm, memory_size=RAM, serial=False) as m:
+        assert ram_size(m.memory) == RAM
+        assert isinstance(load_linux(m, elf, cmdline="console=hvc0"), pvh.Vmlinux)
+        assert m.vcpus[0].get_regs().rbx == pvh.START_INFO
+    with Machine(kvm=kvm, memory_size=RAM, serial=False) as m:
+        hdr = load_linux(m, tiny_bzimage(BZ_CODE), initrd=b"x" * 100)
+        assert isinstance(hdr, bzimage.SetupHeader)
+        assert m.vcpus[0].get_regs().rsi == bzimage.ZERO_PAGE
+    with Machine(kvm=kvm, serial=False) as m, pytest.raises(ValueError, match="no RAM"):
+        load_linux(m, elf)

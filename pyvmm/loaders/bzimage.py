@@ -146,7 +146,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
     memory.write(layout.PML4, pml4)
     memory.write(layout.PDPT, pdpt)
     memory.write(layout.PD, pds)
-    lb.set_guest_cpuid(vcpus)
+    lb.set_guest_cpuid(vm.kvm, vcpus)
     enter_long64(vcpus[0], at + 0x200, rsi=ZERO_PAGE)
     return hdr
 

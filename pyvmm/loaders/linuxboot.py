@@ -69,13 +69,13 @@ def set_segment(seg, *, selector: int, type: int, base: int = 0, limit: int = 0x
 CPUID_HYPERVISOR = 1 << 31
 
 
-def set_guest_cpuid(vcpus) -> None:
-    """Give every vCPU the supported CPUID with the hypervisor bit set (once: KVM refuses a
-    different table after a vCPU ran)."""
+def set_guest_cpuid(kvm, vcpus) -> None:
+    """Give every vCPU `kvm`'s supported CPUID with the hypervisor bit set (once: KVM refuses
+    a different table after a vCPU ran)."""
     for vcpu in vcpus:
         if vcpu.cpuid_set:
             continue
-        entries = vcpu.vm.kvm.supported_cpuid()
+        entries = kvm.supported_cpuid()
         for e in entries:
             if e.function == 1:
                 e.ecx |= CPUID_HYPERVISOR

@@ -142,7 +142,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
                                               MODLIST if modules else 0, CMDLINE, rsdp,
                                               MEMMAP, len(mmap), 0))
     memory.write(GDT_ADDR, gdt())
-    lb.set_guest_cpuid(vcpus)
+    lb.set_guest_cpuid(vm.kvm, vcpus)
     enter_flat32(vcpus[0], kernel.entry, ebx=START_INFO)
     return kernel
 

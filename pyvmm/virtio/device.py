@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .mmio import MmioTransport
     from .queue import Virtqueue
 
 
@@ -39,7 +40,7 @@ class VirtioDevice:
     features = 0
 
     def __init__(self) -> None:
-        self.transport = None
+        self.transport: MmioTransport | None = None
         self.negotiated = 0
         self.config_generation = 0
 

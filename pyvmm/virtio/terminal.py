@@ -25,7 +25,7 @@ class Terminal:
         self.send = send
         self.on_quit = on_quit
         self.fd = sys.stdin.fileno() if fd is None else fd
-        self._saved = None
+        self._saved: list | None = None
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._loop, name="pyvmm-terminal", daemon=True)
 
