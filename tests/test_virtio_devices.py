@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from test_virtio_transport import BASE, GSI, RAM, FakeDriver
+from test_virtio_transport import BASE, GSI, RAM, FakeDriver, machine_fixture
 
 from pyvmm import Machine
 from pyvmm.virtio import Block, Console, attach
@@ -18,13 +18,7 @@ from pyvmm.virtio.console import MAX_PENDING_INPUT
 from pyvmm.virtio.device import F_VERSION_1
 
 
-@pytest.fixture
-def vmachine(kvm):
-    m = Machine(kvm=kvm, irqchip=True, memory_size=RAM, serial=False)
-    try:
-        yield m
-    finally:
-        m.close()
+vmachine = machine_fixture()
 
 
 @pytest.fixture

@@ -191,13 +191,20 @@ class FakeDriver:
         return out
 
 
-@pytest.fixture
-def vmachine(kvm):
-    m = Machine(kvm=kvm, irqchip=True, memory_size=RAM, serial=False)
-    try:
-        yield m
-    finally:
-        m.close()
+def machine_fixture():
+    """The `vmachine` fixture (for this module and the other virtio test modules): a Machine
+    with the in-kernel irqchip and RAM for the fake driver's rings and buffers."""
+    @pytest.fixture
+    def vmachine(kvm):
+        m = Machine(kvm=kvm, irqchip=True, memory_size=RAM, serial=False)
+        try:
+            yield m
+        finally:
+            m.close()
+    return vmachine
+
+
+vmachine = machine_fixture()
 
 
 def test_register_identity_and_features(vmachine):

@@ -165,9 +165,4 @@ def enter_long64(vcpu, entry: int, *, rsi: int) -> None:
     s.efer = lb.EFER_LME | lb.EFER_LMA
     s.idt.base, s.idt.limit = 0, 0
     vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    for name in ("rax", "rbx", "rcx", "rdx", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15"):
-        setattr(r, name, 0)
-    r.rsi, r.rip, r.rflags = rsi, entry, 0x2
-    vcpu.set_regs(r)
+    lb.set_entry_regs(vcpu, entry, rsi=rsi)

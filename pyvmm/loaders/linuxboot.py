@@ -82,6 +82,19 @@ def set_guest_cpuid(kvm, vcpus) -> None:
         vcpu.set_cpuid(entries)
 
 
+GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+        "r12", "r13", "r14", "r15")
+
+
+def set_entry_regs(vcpu, entry: int, **regs: int) -> None:
+    """Every general register 0 except `regs`, RIP = `entry`, RFLAGS = 2 (interrupts off)."""
+    r = vcpu.get_regs()
+    for name in GPRS:
+        setattr(r, name, regs.get(name, 0))
+    r.rip, r.rflags = entry, 0x2
+    vcpu.set_regs(r)
+
+
 def check_fits(ram_size: int, what: str, addr: int, size: int) -> None:
     """A ValueError unless [addr, addr+size) lies in RAM."""
     if addr < 0 or addr + size > ram_size:

@@ -159,9 +159,4 @@ def enter_flat32(vcpu, entry: int, *, ebx: int) -> None:
     s.cr3 = s.cr4 = s.efer = 0
     s.idt.base, s.idt.limit = 0, 0
     vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    for name in ("rax", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15"):
-        setattr(r, name, 0)
-    r.rbx, r.rip, r.rflags = ebx, entry, 0x2
-    vcpu.set_regs(r)
+    lb.set_entry_regs(vcpu, entry, rbx=ebx)
