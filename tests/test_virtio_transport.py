@@ -373,3 +373,43 @@ def test_without_irqchip_the_driver_polls(kvm):
         d.kick(0)
         d.wait_used(0)
         assert t.stats["irq_none"] == 1 and d.r32(reg.INTERRUPT_STATUS) == reg.INT_VRING
+
+
+class _StopPort:
+    """A PIO device whose write ends the run (the guest's "I am done")."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.machine.stop("done")
+
+
+def test_guest_write_to_queue_notify_is_a_doorbell_not_an_exit(vmachine):
+    # A vCPU (not the host) notifies: `mov %eax, 0xd0000050` with EAX = 0 in flat 32-bit
+    # mode. KVM matches the ioeventfd (datamatch 0) and signals the eventfd in the kernel;
+    # the epoll worker serves the queue and the interrupt goes out through the irqfd.
+    from pyvmm.loaders import pvh
+
+    t = attach(vmachine, Entropy(), BASE, GSI)
+    d = FakeDriver(vmachine)
+    d.init()
+    head, _ = d.add(0, [(32, True)])
+    code = (b"\x31\xc0"                                     # xor %eax, %eax
+            + b"\xa3" + struct.pack("<I", BASE + reg.QUEUE_NOTIFY)  # mov %eax, QueueNotify
+            + b"\x66\xba\x00\x05\xef"                       # mov $0x500, %dx; out %eax, (%dx)
+            + b"\xf4")                                      # hlt
+    vmachine.memory.write(0x10000, code)
+    vmachine.memory.write(pvh.GDT_ADDR, pvh.gdt())
+    vmachine.vcpus[0].set_supported_cpuid()
+    pvh.enter_flat32(vmachine.vcpus[0], 0x10000, ebx=0)
+    vmachine.pio.register(0x500, 4, _StopPort(vmachine))
+    result = vmachine.run(timeout=20)
+    assert result.stop == "done", result.summary()
+    assert d.wait_used(0) == [(head, 32)]
+    assert t.stats["notify_doorbell"] == 1 and t.stats["notify_mmio"] == 0
+    assert "MmioExit" not in result.exits  # the notification never left the kernel
+    assert vmachine.interrupts[0].count == 1
