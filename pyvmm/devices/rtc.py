@@ -221,7 +221,7 @@ class Rtc:
             except (OSError, ValueError):   # KvmError, ClosedError
                 # The VM went away under the timer (closed without close() here first):
                 # nothing left to interrupt.
-                self._closed = True
+                self._closed, self._timer = True, None
                 return
             self._reschedule()
 
