@@ -278,8 +278,15 @@ def run_qemu(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None
                                   timeout=limit)
         except subprocess.TimeoutExpired as err:
             output = (err.stdout or b"").decode("utf-8", "replace")
+            stderr = (err.stderr or b"").decode("utf-8", "replace")
+            reason = f"no exit after {limit:g} s"
+            internal = re.search(r"KVM internal error\. Suberror: (\d+)", stderr)
+            if internal:
+                # QEMU pauses the VM on an emulation failure and waits: say what happened.
+                reason += (f" (QEMU paused on a KVM internal error, suberror "
+                           f"{internal.group(1)})")
             return _finish(Outcome("TIMEOUT", output=output, seconds=time.perf_counter() - start,
-                                   reason=f"no exit after {limit:g} s"))
+                                   reason=reason))
         seconds = time.perf_counter() - start
     output = proc.stdout.decode("utf-8", "replace")
     outcome = Outcome("FAIL", output=output, seconds=seconds, exit_status=proc.returncode)
