@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..exits import InternalErrorExit
 from .config import KutTest, machine_params
-from .cpu import apply_cpu, parse_cpu
+from .cpu import apply_cpu, kernel_emulated, parse_cpu
 
 __all__ = ["STATUSES", "Outcome", "count_lines", "environment", "not_applicable",
            "qemu_command", "run_pyvmm", "run_qemu", "status_from_exit"]
@@ -188,7 +188,8 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
             machine = pc.machine
             kvm = machine.kvm
             assert kvm is not None  # an open machine has its Kvm
-            table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec)
+            table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec,
+                                             emulated=kernel_emulated(kvm))
             for vcpu in machine.vcpus:
                 vcpu.set_cpuid(_per_vcpu_cpuid(table, vcpu.id))
             if console is not None:
