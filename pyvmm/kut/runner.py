@@ -294,8 +294,8 @@ def run_qemu(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None
     if proc.returncode > 0 and proc.returncode & 1:
         outcome.status = status_from_exit(proc.returncode)
     else:
-        stderr = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        outcome.status = "ERROR" if proc.returncode not in (0,) and not output else "FAIL"
+        errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        outcome.status = "ERROR" if proc.returncode != 0 and not output else "FAIL"
         outcome.reason = (f"QEMU exited with {proc.returncode}"
-                          + (f": {stderr[-1]}" if stderr else ""))
+                          + (f": {errors[-1]}" if errors else ""))
     return _finish(outcome)
