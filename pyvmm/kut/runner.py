@@ -160,6 +160,16 @@ def _per_vcpu_cpuid(table: list, apic_id: int) -> list:
     return out
 
 
+def _insn_bytes(data: tuple[int, ...], shown: int = 8) -> str:
+    # An emulation failure with flag 1 carries the bytes KVM fetched at RIP: data[0] the
+    # flags, then a u8 length and up to 15 bytes from the low byte of data[1] on.
+    if len(data) < 3 or not data[0] & 1:
+        return ""
+    raw = b"".join(int(word).to_bytes(8, "little") for word in data[1:3])
+    size = min(raw[0], len(raw) - 1, shown)
+    return f", bytes {raw[1:1 + size].hex(' ')}" if size else ""
+
+
 def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None = None,
               explicit: bool = False, console: Callable[[str], None] | None = None,
               platform_hook: Callable | None = None) -> Outcome:
@@ -214,7 +224,8 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
                 if isinstance(event, InternalErrorExit) and event.suberror == 1:
                     rip = machine.vcpus[result.vcpu or 0].get_regs().rip
                     outcome.reason += (f" (KVM's instruction emulator failed at RIP "
-                                       f"{rip:#x}: KVM_INTERNAL_ERROR_EMULATION)")
+                                       f"{rip:#x}{_insn_bytes(event.data)}: "
+                                       f"KVM_INTERNAL_ERROR_EMULATION)")
                 elif event is not None:
                     outcome.reason += f" ({event})"
     except Exception as err:  # a broken image or device: this test's ERROR, not the run's
