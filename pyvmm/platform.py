@@ -2,20 +2,39 @@
 """`PcPlatform`: the PC that kvm-unit-tests' x86 test kernels (and small OS guests) expect,
 assembled on a `Machine` from pyvmm devices.
 
-In the kernel (KVM): the PIC, IOAPIC and LAPICs (`Machine(irqchip=True)`) and the i8254 PIT
-(lost ticks discarded, as kvm-unit-tests runs QEMU). In Python, on the buses: the 16550
-serial console at 0x3f8 (the Machine's), isa-debug-exit at 0xf4, fw_cfg at 0x510 and the
-other devices this module adds as they are enabled.
+In the kernel (KVM): the 8259 PICs, the IOAPIC and the LAPICs (`Machine(irqchip=True)`), the
+i8254 PIT (lost ticks discarded, as kvm-unit-tests runs QEMU), and QEMU's machine-check
+setup (10 MCE banks). In Python, on the buses (`pyvmm.devices`):
+
+    0x0060, 0x0064  i8042 (reset line)       0x0070-0x0071  CMOS/RTC (IRQ 8)
+    0x0092          System Control Port A    0x00e0-0x00eb  pc-testdev scratch, flush page
+    0x00f4-0x00f7   isa-debug-exit           0x0510-0x0511  fw_cfg
+    0x0600-0x060b   ACPI PM1 and PM timer    0x0cf8-0x0cff  PCI mechanism #1, reset control
+    0x2000-0x2017   pc-testdev IRQ lines     0x3f8-0x3ff    16550 serial (the Machine's)
+    0xc000-0xc0ff   pci-testdev BAR 1        0xfebff000     pci-testdev BAR 0 (4 KiB)
+    0xff000000      pc-testdev iomem (64 KiB)
+PCI: the host bridge at 00:00.0, pci-testdev at 00:02.0. In memory: the ACPI tables at
+0xe0000 (RSDP, RSDT, XSDT, FADT, FACS, DSDT, MADT with one LAPIC per vCPU), the real-mode
+IVT and BIOS data area, and BIOS-area code (`pyvmm.devices.firmware`).
 
 RAM follows QEMU's PC layout: up to 3.5 GiB (`LOWMEM_LIMIT`) at address 0; a larger RAM is
 split into 3 GiB below 4 GiB and the rest above. `memory_map()` is the map a loader gives the
-guest (multiboot mmap, e820): the BIOS area 0x9fc00-0xfffff reserved (ACPI tables live there),
-the rest usable.
+guest (multiboot mmap, e820): the BIOS area 0x9fc00-0xfffff reserved (the ACPI tables live
+there), the rest usable.
+
+For a loader: write the kernel and set vCPU 0 up at its entry as the boot protocol says
+(multiboot: 32-bit flat protected mode, EAX/EBX). The first `run()` sends a vCPU 0 that
+starts in 32-bit protected mode without paging through `firmware_entry()` first, so the
+kernel finds the 8259s and the PIT as SeaBIOS leaves them under QEMU (`bios=False` turns
+that off; a loader may also start vCPU 0 at `firmware_entry(entry)` itself). The other
+vCPUs wait for the guest's INIT/SIPI. `run()` ends when the guest writes isa-debug-exit
+(status `(value << 1) | 1`, as QEMU exits), powers off (status 0), resets ("shutdown"), or
+times out:
 
     with PcPlatform.create(vcpus=2, memory_size=128 << 20) as pc:
-        pc.machine.load_multiboot("x86/msr.flat")     # the loader is a Machine method
+        pc.machine.load_multiboot("x86/msr.flat")       # a loader: memory and vCPU state
         result = pc.run(timeout=60)
-        print(result.console, pc.exit_status)
+        print(result.console, result.status, pc.power_event)
 """
 
 from __future__ import annotations
@@ -111,53 +130,53 @@ def _accepts_status(stop) -> bool:
 class PcPlatform:
     """The devices of a PC on `machine` (which needs the in-kernel irqchip and no RAM yet:
     the platform adds RAM as `ram_layout()` says). `PcPlatform.create()` makes the Machine.
+    `testdev=False` / `pci_testdev=False` leave QEMU's test devices out (an OS guest).
 
-    Attributes: `machine`, `memory_size`, `debug_exit`, `fw_cfg`; `exit_status` is what the
-    guest's last debug-exit write reported ((value << 1) | 1), None before one."""
+    The devices are attributes: `debug_exit`, `fw_cfg`, `testdev`, `pci` (the bus) and
+    `pci_testdev`, `rtc`, `pm`, `i8042`, `port92`; `acpi` says where the tables are.
+    `exit_status` is what the guest's last debug-exit write reported ((value << 1) | 1),
+    None before one."""
 
     def __init__(self, machine: Machine, *, memory_size: int = DEFAULT_MEMORY,
-                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True) -> None:
+                 pit: bool = True, testdev: bool = True, pci_testdev: bool = True,
+                 bios: bool = True) -> None:
         if not machine.irqchip:
             raise ValueError("a PcPlatform needs the in-kernel irqchip: Machine(irqchip=True)")
         if machine.memory.regions(0):
             raise ValueError("a PcPlatform lays out RAM itself: give it a Machine without "
                              "memory (no memory_size)")
         pieces = ram_layout(memory_size)
+        vm = machine.vm
+        if vm is None:
+            raise ValueError("the machine is closed")
+        self.vm = vm
         self.machine = machine
         self.memory_size = memory_size
         self.vcpus = len(machine.vcpus)
         for base, size in pieces:
             machine.add_memory(base, size)
         if pit:
-            machine.vm.create_pit()
-            set_pit_reinject(machine.vm, False)
+            vm.create_pit()
+            set_pit_reinject(vm, False)
         for vcpu in machine.vcpus:
             setup_mce(vcpu, machine.kvm)   # QEMU's 10 banks, not KVM's 32
         self._stop_has_status = _accepts_status(machine.stop)
         self._run_status: int | None = None
         self._suspended = False
-        self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
-        machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
-        self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=memory_size)
-        machine.pio.register(FW_CFG_PORT, FwCfg.length, self.fw_cfg)
-        self.testdev: PcTestdev | None = None
-        if testdev:
-            self.testdev = PcTestdev(set_irq=machine.vm.irq_line,
-                                     flush_page=lambda gpa: flush_guest_page(machine.memory,
-                                                                             gpa))
-            self.testdev.attach(machine.pio, machine.mmio)
+        self._bios_pending = bios
+        #: How the guest last asked the machine to end or sleep: "poweroff", "reset",
+        #: "suspend" (S3, still asleep) or "resume" (woke from S3); None: never.
+        self.power_event: str | None = None
+        self._add_chipset(pieces[0][1])
+        self._add_test_devices(testdev=testdev, pci_testdev=pci_testdev)
+
+    def _add_chipset(self, below_4g: int) -> None:
+        machine = self.machine
         self.pci = PciBus(machine.pio, machine.mmio, on_reset=self._guest_reset)
         self.pci.attach()
-        self.pci_testdev: PciTestdev | None = None
-        if pci_testdev:
-            # Slot 2: where QEMU puts the first -device on a PC without VGA (-nodefaults).
-            self.pci_testdev = PciTestdev(doorbell=self._doorbell)
-            self.pci.add(2, 0, self.pci_testdev)
-        #: How the guest last asked the machine to end: "poweroff" or "reset" (None: never).
-        self.power_event: str | None = None
-        self.rtc = Rtc(set_irq=machine.vm.irq_line)
-        for index, value in pc_cmos_bytes(memory_size, self.vcpus,
-                                          below_4g=pieces[0][1]).items():
+        self.rtc = Rtc(set_irq=self.vm.irq_line)
+        for index, value in pc_cmos_bytes(self.memory_size, self.vcpus,
+                                          below_4g=below_4g).items():
             self.rtc.cmos[index] = value
         machine.pio.register(RTC_PORT, Rtc.length, self.rtc)
         self.pm = AcpiPm(on_poweroff=self._guest_poweroff, on_suspend=self._guest_suspend)
@@ -168,6 +187,24 @@ class PcPlatform:
         self.i8042.register(machine.pio)
         self.port92 = SystemControlA(on_reset=self._guest_reset)
         machine.pio.register(SYSTEM_CONTROL_A, SystemControlA.length, self.port92)
+        self.fw_cfg = FwCfg(cpus=self.vcpus, ram_size=self.memory_size)
+        machine.pio.register(FW_CFG_PORT, FwCfg.length, self.fw_cfg)
+
+    def _add_test_devices(self, *, testdev: bool, pci_testdev: bool) -> None:
+        machine = self.machine
+        self.debug_exit = DebugExit(on_exit=self._guest_exit, length=DEBUG_EXIT_SIZE)
+        machine.pio.register(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, self.debug_exit)
+        self.testdev: PcTestdev | None = None
+        if testdev:
+            self.testdev = PcTestdev(set_irq=self.vm.irq_line,
+                                     flush_page=lambda gpa: flush_guest_page(machine.memory,
+                                                                             gpa))
+            self.testdev.attach(machine.pio, machine.mmio)
+        self.pci_testdev: PciTestdev | None = None
+        if pci_testdev:
+            # Slot 2: where QEMU puts the first -device on a PC without VGA (-nodefaults).
+            self.pci_testdev = PciTestdev(doorbell=self._doorbell)
+            self.pci.add(2, 0, self.pci_testdev)
 
     @classmethod
     def create(cls, *, vcpus: int = 1, memory_size: int = DEFAULT_MEMORY,
@@ -236,7 +273,22 @@ class PcPlatform:
         """Where a loader starts the boot vCPU (32-bit flat protected mode, its handover
         registers in EAX/EBX) so that the kernel at `entry` finds the 8259s and the PIT as a
         PC BIOS leaves them (see `pyvmm.devices.firmware`)."""
+        self._bios_pending = False
         return firmware.install_init_stub(self.machine.memory, entry)
+
+    def _enter_through_bios(self) -> None:
+        """Before the first run: a boot vCPU set up in 32-bit protected mode without paging
+        (a multiboot or PVH handover) starts at the BIOS init stub, which goes on to where
+        the loader pointed it with the same registers."""
+        self._bios_pending = False
+        vcpu = self.machine.vcpus[0]
+        sregs = vcpu.get_sregs()
+        if not sregs.cr0 & modes.CR0_PE or sregs.cr0 & modes.CR0_PG or not sregs.cs.db \
+                or sregs.cs.base != 0:
+            return
+        regs = vcpu.get_regs()
+        regs.rip = self.firmware_entry(regs.rip)
+        vcpu.set_regs(regs)
 
     @property
     def exit_status(self) -> int | None:
@@ -251,9 +303,11 @@ class PcPlatform:
         poweroff: status 0). A guest that suspends to RAM (S3) sleeps until its RTC alarm
         and resumes at its FACS waking vector within the same run() and `timeout`; with no
         alarm set it stays asleep and the run ends ("stopped", power_event "suspend")."""
+        if self._bios_pending:
+            self._enter_through_bios()
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
-        console, exits = "", Counter()
+        console, exits = "", Counter[str]()
         while True:
             self._run_status = None
             self._suspended = False

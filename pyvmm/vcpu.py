@@ -14,14 +14,15 @@ from collections.abc import Callable
 from . import ioctls as io
 from ._ffi import ffi, libc
 from .errors import ClosedError, KvmError, foreign_process
-from .exits import Exit, IntrExit, decode
+from .exits import Exit, ExitReason, IntrExit, decode
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .vcpu_state import VcpuStateMixin
 
 __all__ = ["KICK_SIGNAL", "KVM_RUN_X86_SMM", "Vcpu", "watchdog"]
 
 KVM_RUN_X86_SMM = 1
-_EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
+_EINTR, _EAGAIN, _EFAULT = errno.EINTR, errno.EAGAIN, errno.EFAULT
+_MEMORY_FAULT = int(ExitReason.MEMORY_FAULT)
 _get_ident = threading.get_ident
 _KVM_RUN = io.KVM_RUN
 # KVM_RUN through a non-variadic function pointer to libc's ioctl: cffi calls a variadic
@@ -189,6 +190,13 @@ class Vcpu(VcpuStateMixin):
                 err = ffi.errno
                 if err == _EINTR:
                     return IntrExit(self._interrupted(False))
+                if err == _EFAULT and run.exit_reason == _MEMORY_FAULT:
+                    # KVM reports a memory fault as -1/EFAULT with the exit filled in
+                    # (api.rst, KVM_EXIT_MEMORY_FAULT); the reason is cleared so a later,
+                    # unrelated EFAULT is not mistaken for it.
+                    ex = decode(run, page)
+                    run.exit_reason = 0
+                    return ex
                 if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
                     raise foreign_process(KvmError(err, "KVM_RUN", self.role,
                                                    f"vCPU {self.id}"), self._pid)
@@ -317,3 +325,27 @@ class Vcpu(VcpuStateMixin):
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self._fd})"
+
+    # -- guest debugging --
+
+    def set_guest_debug(self, *, single_step: bool = False, sw_breakpoints: bool = False,
+                        hw_breakpoints=(), inject: int | None = None,
+                        block_irqs: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG: stop with a DebugExit after every instruction
+        (`single_step`), at the guest's int3 (`sw_breakpoints`), at up to four debug-register
+        breakpoints and watchpoints (`hw_breakpoints`: `guestdebug.HwBreakpoint`s or
+        addresses). Every call replaces the whole configuration; no arguments turn it off.
+        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run();
+        `block_irqs` steps without taking interrupts (KVM_GUESTDBG_BLOCKIRQ)."""
+        from .guestdebug import set_guest_debug
+
+        set_guest_debug(self, single_step=single_step, sw_breakpoints=sw_breakpoints,
+                        hw_breakpoints=hw_breakpoints, inject=inject, block_irqs=block_irqs)
+
+    def translate(self, gva: int):
+        """KVM_TRANSLATE: the guest-physical address of the linear address `gva` under the
+        vCPU's current paging, as a `guestdebug.Translation(gpa, valid, writeable,
+        usermode)`."""
+        from .guestdebug import translate
+
+        return translate(self, gva)

@@ -46,7 +46,8 @@ def test_bda():
 
 def test_guest_entered_through_the_stub_sees_the_bios_state(kvm):
     with PcPlatform.create(memory_size=16 << 20, kvm=kvm) as pc:
-        payload = pc.machine.load("pc_firmware", regs={"rax": 0x2BADB002, "rbx": 0x9000})
+        payload = pc.machine.load("pc_firmware", regs={"rax": 0x2BADB002, "rbx": 0x9000,
+                                                       "rdi": 20_000_000})
         vcpu = pc.machine.vcpus[0]
         regs = vcpu.get_regs()
         regs.rip = pc.firmware_entry(payload.entry)
@@ -57,3 +58,24 @@ def test_guest_entered_through_the_stub_sees_the_bios_state(kvm):
     assert got == {1: 0x2BADB002, 2: 0x9000, 3: 0xFA, 4: 0xFF,
                    5: 1,                               # the PIT ticks into the 8259
                    6: 0xF0000010, 7: 0x3F8}
+
+
+def test_the_first_run_goes_through_the_stub_by_itself(kvm):
+    # A loader that only sets the handover state up (32-bit flat, EAX/EBX) gets the BIOS
+    # state too: run() routes the boot vCPU through the stub once.
+    with PcPlatform.create(memory_size=16 << 20, kvm=kvm) as pc:
+        pc.machine.load("pc_firmware", regs={"rax": 0x2BADB002, "rbx": 0x9000,
+                                             "rdi": 20_000_000})
+        result = pc.run(timeout=30)
+    assert result.ok, result.summary()
+    got = {r.tag: r.value64 & 0xFFFFFFFF for r in result.reports}
+    assert (got[1], got[2], got[3], got[5]) == (0x2BADB002, 0x9000, 0xFA, 1)
+
+
+def test_bios_false_leaves_the_pic_and_pit_alone(kvm):
+    with PcPlatform.create(memory_size=16 << 20, kvm=kvm, bios=False) as pc:
+        pc.machine.load("pc_firmware", regs={"rax": 1, "rbx": 2, "rdi": 3000})
+        result = pc.run(timeout=30)
+    assert result.ok, result.summary()
+    got = {r.tag: r.value64 & 0xFFFFFFFF for r in result.reports}
+    assert got[3] != 0xFA and got[5] == 0     # unprogrammed: no BIOS mask, no timer tick

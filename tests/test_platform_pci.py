@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.devices.bus import Counter, MmioBus, PioBus
-from pyvmm.devices.pci import (BAR0, COMMAND, COMMAND_IO, COMMAND_MEMORY, IO_WINDOW,
+from pyvmm.devices.pci import (COMMAND, COMMAND_IO, COMMAND_MEMORY, IO_WINDOW,
                                MEM_WINDOW, Bar, PciBus, PciFunction)
 from pyvmm.devices.pci_testdev import DATAMATCH, NOMATCH, PciTestdev
 from pyvmm.platform import PcPlatform
@@ -121,7 +121,8 @@ def test_firmware_assignment_and_bar_sizing(buses):
 def test_moving_a_bar_and_turning_decode_off(buses):
     pio, mmio, _, dev, cfg, _, _ = buses
     cfg.write(2, 0x10, 0xFD000000)
-    assert mmio.find(MEM_WINDOW[1] - 4096) is None and mmio.find(0xFD000000).device is dev.bars[0].device
+    assert mmio.find(MEM_WINDOW[1] - 4096) is None
+    assert mmio.find(0xFD000000).device is dev.bar(0).device
     cfg.write(2, COMMAND, COMMAND_IO, 2)                      # memory decode off
     assert mmio.find(0xFD000000) is None and pio.find(IO_WINDOW[0]) is not None
     cfg.write(2, COMMAND, 0, 2)

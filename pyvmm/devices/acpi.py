@@ -59,7 +59,7 @@ MADT_PCAT_COMPAT = 1
 MADT_LAPIC, MADT_IOAPIC, MADT_OVERRIDE, MADT_LAPIC_NMI = 0, 1, 2, 4
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes `data` (with 0 in its checksum field) sum to 0 mod 256."""
     return -sum(data) & 0xFF
 

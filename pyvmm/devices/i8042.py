@@ -41,7 +41,7 @@ class I8042:
 
     def __init__(self, on_reset: Callable[[], object] | None = None) -> None:
         self.on_reset = on_reset
-        self.output = deque()
+        self.output: deque[int] = deque()
         self.last = 0
         self.command_byte = 0x45     # keyboard interrupt and translation on, system flag
         self.outport = OUTPORT_RESET | OUTPORT_A20

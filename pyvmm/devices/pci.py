@@ -109,9 +109,16 @@ class PciFunction:
     def command(self) -> int:
         return self._get(COMMAND, 2)
 
+    def bar(self, i: int) -> Bar:
+        """BAR `i` (ValueError for an unimplemented one)."""
+        bar = self.bars[i] if 0 <= i < BAR_COUNT else None
+        if bar is None:
+            raise ValueError(f"BAR {i} is not implemented")
+        return bar
+
     def bar_address(self, i: int) -> int:
         """The address BAR `i` holds now (its low flag bits cleared)."""
-        return self._get(BAR0 + 4 * i, 4) & (~0x3 if self.bars[i].io else ~0xF) & 0xFFFFFFFF
+        return self._get(BAR0 + 4 * i, 4) & (~0x3 if self.bar(i).io else ~0xF) & 0xFFFFFFFF
 
     # -- config space ----------------------------------------------------------------------
 
@@ -131,7 +138,7 @@ class PciFunction:
                 mask = 0xFF
             elif BAR0 <= at < BAR0 + 4 * BAR_COUNT and self.bars[(at - BAR0) // 4] is not None:
                 i = (at - BAR0) // 4
-                bar = self.bars[i]
+                bar = self.bar(i)
                 writable = ~(bar.size - 1) & 0xFFFFFFFF & ~(0x3 if bar.io else 0xF)
                 mask = (writable >> (8 * ((at - BAR0) % 4))) & 0xFF
                 touched_bars.add(i)
@@ -151,7 +158,7 @@ class PciFunction:
     def bar_target(self, i: int) -> int | None:
         """Where BAR `i` decodes now, or None (decode off, address 0, being sized, or
         beyond its space)."""
-        bar = self.bars[i]
+        bar = self.bar(i)
         enabled = self.command & (COMMAND_IO if bar.io else COMMAND_MEMORY)
         address = self.bar_address(i)
         limit = 1 << 16 if bar.io else 1 << 32

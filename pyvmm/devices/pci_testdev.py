@@ -83,7 +83,7 @@ class PciTestdev(PciFunction):
     def __init__(self, doorbell: DoorbellFactory | None = None) -> None:
         self.tests = [_Test(i) for i in range(len(TESTS) * len(KINDS))]
         self._current: _Test | None = None
-        self._bell = None
+        self._bell: object = None
         self._doorbell = doorbell
         self._lock = threading.RLock()
         super().__init__(vendor_id=VENDOR_REDHAT, device_id=DEVICE_TEST,
@@ -102,7 +102,7 @@ class PciTestdev(PciFunction):
         test = self._current
         if test is None or not test.eventfd or self._doorbell is None:
             return
-        bar = self.bars[1 if test.io else 0]
+        bar = self.bar(1 if test.io else 0)
         if bar.mapping is None:
             return   # not decoded: nothing to attach the eventfd to
         where = bar.address + test.offset
@@ -112,7 +112,7 @@ class PciTestdev(PciFunction):
     def _disarm(self) -> None:
         bell, self._bell = self._bell, None
         if bell is not None:
-            bell.remove()
+            bell.remove()  # type: ignore[attr-defined]  # the factory's object has remove()
 
     def update_mappings(self) -> None:
         """Remap the BARs; the current test's ioeventfd follows its BAR."""

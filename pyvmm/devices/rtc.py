@@ -122,6 +122,7 @@ class Rtc:
         base = self._fields(self._frozen or 0)
         base = {k: fields.get(k, v) for k, v in base.items()}
         year = self._decode(base[CENTURY]) * 100 + self._decode(base[YEAR])
+        when: float
         try:
             when = calendar.timegm((year, self._decode(base[MONTH]),
                                     self._decode(base[DAY_OF_MONTH]),
@@ -279,6 +280,11 @@ class Rtc:
                     return bytes([self._written[index]])
                 return bytes([self._fields(self._guest_time())[index]])
             return bytes([self.cmos[index]])
+
+    @property
+    def timer_running(self) -> bool:
+        """Whether the interrupt timer is armed (an enabled interrupt is due)."""
+        return self._timer is not None
 
     def close(self) -> None:
         """Stop the interrupt timer."""
