@@ -233,10 +233,15 @@ class GdbServer:
 
     # -- the wire -----------------------------------------------------------------------------
 
+    @property
+    def _sock(self) -> socket.socket:
+        if self._conn is None:
+            raise RuntimeError("gdb is not connected")
+        return self._conn
+
     def _send(self, payload: bytes | str) -> None:
         data = payload.encode() if isinstance(payload, str) else payload
-        assert self._conn is not None
-        self._conn.sendall(p.frame(data))
+        self._sock.sendall(p.frame(data))
         self._last_sent = data
 
     def _next_packet(self) -> bytes | None:
@@ -244,9 +249,8 @@ class GdbServer:
         while True:
             if self._pending:
                 return self._pending.pop(0)
-            assert self._conn is not None
             try:
-                data = self._conn.recv(65536)
+                data = self._sock.recv(65536)
             except OSError:
                 return None
             if not data:
@@ -257,11 +261,11 @@ class GdbServer:
         for event in self._reader.feed(data):
             if isinstance(event, p.Packet):
                 if self._ack:
-                    self._conn.sendall(b"+" if event.ok else b"-")
+                    self._sock.sendall(b"+" if event.ok else b"-")
                 if event.ok:
                     self._pending.append(event.data)
             elif event is p.Nak and getattr(self, "_last_sent", None) is not None:
-                self._conn.sendall(p.frame(self._last_sent))
+                self._sock.sendall(p.frame(self._last_sent))
             elif event is p.Interrupt:
                 self._interrupt()
 
@@ -437,13 +441,14 @@ class GdbServer:
         thread = threading.Thread(target=runner, name="pyvmm-gdb-run", daemon=True)
         self._machine_running = True
         thread.start()
+        watched: list[Any] = [self._sock, self._wake_r]
         while True:
-            ready, _, _ = select.select([self._conn, self._wake_r], [], [])
+            ready, _, _ = select.select(watched, [], [])
             if self._wake_r in ready:
                 os.read(self._wake_r, 1)
                 break
             try:
-                data = self._conn.recv(65536)
+                data = self._sock.recv(65536)
             except OSError:
                 data = b""
             if not data:                        # gdb hung up while the guest runs
@@ -484,10 +489,10 @@ class GdbServer:
                 if sregs.cs.base + regs.rip in bps.stepped:
                     self._event = (vcpu_id, StopReason("swbreak"))
                     return self._stop_reply(result, [vcpu_id])
-            ready, _, _ = select.select([self._conn], [], [], 0)
+            ready, _, _ = select.select([self._sock], [], [], 0)
             if ready:
                 try:
-                    data = self._conn.recv(65536)
+                    data = self._sock.recv(65536)
                 except OSError:
                     data = b""
                 if not data:
@@ -529,7 +534,8 @@ class GdbServer:
             self.log(f"the guest finished: {result.stop}, status {status}")
             return (f"W{status & 0xFF:02x}", "exited")
         else:
-            vcpu_id = result.vcpu if result.vcpu in self._live else self._live[0]
+            vcpu_id = (result.vcpu if result.vcpu is not None and result.vcpu in self._live
+                       else self._live[0])
             if self._interrupted:
                 signal = SIGINT
             elif result.stop == "done":
