@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, nested, bench."""
+"""The `pyvmm` command: info, run, demo, nested, bench, kut."""
 
 from __future__ import annotations
 
@@ -141,6 +141,12 @@ def cmd_nested(args: argparse.Namespace) -> int:
     return nested.main(args.rest)
 
 
+def cmd_kut(args: argparse.Namespace) -> int:
+    from .kut.command import main as kut_main
+
+    return kut_main(args)
+
+
 def _version() -> str:
     from . import __version__
 
@@ -224,6 +230,12 @@ def _main(argv: list[str], debug: bool) -> int:
     p = sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_nested)
+
+    p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")
+    from .kut.command import add_arguments as kut_arguments
+
+    kut_arguments(p)
+    p.set_defaults(func=cmd_kut)
 
     if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
         from .testing import nested

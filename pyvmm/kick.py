@@ -154,8 +154,8 @@ class Watchdog:
             while True:
                 try:
                     self._step(cond)
-                except Exception:
-                    pass  # nothing may end the thread that serves every other deadline
+                except BaseException:  # noqa: BLE001 - nothing may end the thread that
+                    pass               # serves every other deadline
 
     def _step(self, cond: threading.Condition) -> None:
         while self._heap and self._heap[0][1] not in self._armed:
@@ -173,8 +173,8 @@ class Watchdog:
         cond.release()  # never hold the watchdog's lock while taking a vCPU's
         try:
             callback(token)
-        except Exception:
-            pass  # a deadline's callback must not end the thread serving all others
+        except BaseException:  # noqa: BLE001 - even SystemExit: this thread serves all others
+            pass
         finally:
             del callback
             cond.acquire()

@@ -8,7 +8,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from enum import IntEnum
 
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
@@ -21,30 +20,13 @@ from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
 from .vcpu import Vcpu
+from .vcpu_state import MpState
 
 #: How a run ended (kept here for older imports: the run loop owns them).
 STOPS = _STOPS
 
 #: The stack each vCPU gets below the previous one's in a host-set SMP start.
 AP_STACK_SIZE = 0x1000
-
-
-class MpState(IntEnum):
-    """KVM_GET/SET_MP_STATE values (x86). With the in-kernel irqchip the APs (vCPUs 1 and
-    up) start UNINITIALIZED and wait in KVM_RUN for INIT and SIPI; set RUNNABLE to start one
-    from the host instead."""
-
-    RUNNABLE = 0
-    UNINITIALIZED = 1
-    INIT_RECEIVED = 2
-    HALTED = 3
-    SIPI_RECEIVED = 4
-    STOPPED = 5
-    CHECK_STOP = 6
-    OPERATING = 7
-    LOAD = 8
-    AP_RESET_HOLD = 9
-    SUSPENDED = 10
 
 
 ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
@@ -321,6 +303,8 @@ class Machine:
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = self._worker.errors[0][1]
         if result.error is not None and not isinstance(result.error, Exception):
+            result.error.add_note(f"pyvmm: raised on vCPU {result.vcpu} in Machine.run(); "
+                                  "every vCPU was stopped and joined first")
             raise result.error
         return result
 
@@ -434,3 +418,17 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- loaders --
+    def load_multiboot(self, path, *, cmdline: str = "", modules=(), **kwargs):
+        """Load a Multiboot v1 kernel (ELF32) into RAM and set vCPU 0 at its entry in 32-bit
+        protected mode (EAX=0x2BADB002, EBX=the information structure); see
+        `pyvmm.loaders.multiboot.load_multiboot`. The other vCPUs are left for the guest
+        to start (INIT/SIPI)."""
+        from .loaders.multiboot import load_multiboot
+
+        info = load_multiboot(self, path, cmdline=cmdline, modules=modules, **kwargs)
+        for vcpu in self.vcpus[1:]:
+            if not vcpu.cpuid_set:
+                vcpu.set_supported_cpuid()
+        return info

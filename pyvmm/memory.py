@@ -20,6 +20,14 @@ KVM_MEM_READONLY = 2
 SetSlot = Callable[[int, int, int, int, int], None]
 
 
+class DirtyBitmap(bytes):
+    """KVM's dirty bitmap of one region: bit n set = page n was written since the last read."""
+
+    def pages(self) -> list[int]:
+        return [i * 8 + b for i, byte in enumerate(self) if byte for b in range(8)
+                if byte >> b & 1]
+
+
 class MemoryRegion:
     """One memslot: `size` bytes of host memory seen by the guest at `guest_addr`."""
 

@@ -204,7 +204,7 @@ class RunControl:
         with self._lock:
             first = self.reason is None
             if first:
-                self.reason = Stop(reason) if reason in STOPS else reason
+                self.reason = _stop(reason)
                 self.status = status
         for vcpu in self.vcpus:
             vcpu.kick()
@@ -233,7 +233,8 @@ class RunControl:
 
 
 def _ucall(ex: IoExit, vcpu: Any, result: RunResult, console: ConsoleBuffer,
-           max_reports: int, keep_events: bool, max_events: int) -> Outcome | None | bool:
+           max_reports: int, keep_events: bool, max_events: int,
+           on_report: Callable[[Any, Any], Any] | None) -> Outcome | None | bool:
     """One exit on a ucall port: an Outcome that ends the run, True when consumed, None when
     it is not a ucall (an IN there: the bus gets it)."""
     event = ucall.decode(ex, vcpu)
@@ -253,13 +254,27 @@ def _ucall(ex: IoExit, vcpu: Any, result: RunResult, console: ConsoleBuffer,
             result.reports.append(event)
         else:
             result.dropped_reports += 1
+        if on_report is not None:
+            stop = on_report(event, vcpu)
+            if stop is not None:
+                return Outcome(_stop(stop), None, event, ex)
         return True
     stop, status = ucall.outcome(event)
     return Outcome(Stop(stop), status, event, ex)
 
 
-def _unhandled(ex: Exit) -> Stop:
-    return Stop.UNHANDLED
+def _stop(value: Any) -> Any:
+    """A handler's stop as a `Stop` where it names one (other strings are kept as they are)."""
+    return Stop(value) if isinstance(value, str) and value in STOPS else value
+
+
+def _through_handlers(cls: type, handlers: Mapping[type, Handler], default: Handler | None,
+                      vcpu: Any) -> Callable[[Exit], Any]:
+    # Port I/O or MMIO with no bus: served like any other exit.
+    def serve(ex: Exit) -> Any:
+        handler = handlers.get(cls) or default
+        return handler(ex, vcpu) if handler is not None else Stop.UNHANDLED
+    return serve
 
 
 def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
@@ -269,7 +284,8 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
              handlers: Mapping[type, Handler] | None = None,
              default: Handler | None = None, max_exits: int | None = None,
              max_reports: int = MAX_REPORTS, keep_events: bool = False,
-             max_events: int = MAX_EVENTS) -> Outcome:
+             max_events: int = MAX_EVENTS, ucall_ports: frozenset = UCALL_PORTS,
+             on_report: Callable[[Any, Any], Any] | None = None) -> Outcome:
     """Run `vcpu` until its guest or `control` ends the run; returns how it ended.
 
     Reports (and, with `keep_events`, every ucall event) go to `result`, console bytes to
@@ -278,14 +294,13 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
     they may return a stop too. An exception from any of them ends the run as Stop.ERROR with
     the exception in `Outcome.error`; a BaseException that is not an Exception
     (KeyboardInterrupt, SystemExit) also stops the rest of the run and is in `error` too: the
-    caller re-raises it once every vCPU has stopped."""
+    caller re-raises it once every vCPU has stopped. `ucall_ports=frozenset()` turns the
+    guest port protocol off (every port I/O exit goes to `io`). `on_report(report, vcpu)` sees
+    each report as it comes (the registers are captured); it may return a stop too."""
     handlers = handlers if handlers is not None else {}
-    io = io if io is not None else (lambda ex: (handlers.get(IoExit) or default
-                                                or (lambda e, v: Stop.UNHANDLED))(ex, vcpu))
-    mmio = mmio if mmio is not None else (lambda ex: (handlers.get(MmioExit) or default
-                                                      or (lambda e, v: Stop.UNHANDLED))(ex, vcpu))
+    io = io if io is not None else _through_handlers(IoExit, handlers, default, vcpu)
+    mmio = mmio if mmio is not None else _through_handlers(MmioExit, handlers, default, vcpu)
     run = vcpu.run
-    ucall_ports = UCALL_PORTS
     # The two hot exits are counted in locals and folded into `counts` when the loop ends
     # (their keys are still created at their first occurrence, in exit order).
     n_io = n_mmio = 0
@@ -306,14 +321,14 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
                     counts["IoExit"] += 0
                 if ex.port in ucall_ports:
                     done = _ucall(ex, vcpu, result, console, max_reports, keep_events,
-                                  max_events)
+                                  max_events, on_report)
                     if done is True:
                         continue
                     if done is not None:
                         return done
                 stop = io(ex)
                 if stop is not None:
-                    return Outcome(stop, None, ex, ex)
+                    return Outcome(_stop(stop), None, ex, ex)
                 continue
             if cls is MmioExit:
                 n_mmio += 1
@@ -321,7 +336,7 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
                     counts["MmioExit"] += 0
                 stop = mmio(ex)
                 if stop is not None:
-                    return Outcome(stop, None, ex, ex)
+                    return Outcome(_stop(stop), None, ex, ex)
                 continue
             counts[cls.__name__] += 1
             if cls is IntrExit:
@@ -335,10 +350,8 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
                 return Outcome(Stop.UNHANDLED, None, ex, ex)
             stop = handler(ex, vcpu)
             if stop is not None:
-                return Outcome(Stop(stop) if stop in STOPS else stop, None, ex, ex)
+                return Outcome(_stop(stop), None, ex, ex)
     except BaseException as err:  # a device model bug ends this run, not the host process
-        if not isinstance(err, Exception):
-            control.stop(Stop.ERROR)
         return Outcome(Stop.ERROR, None, None, ex, err)
     finally:
         if n_io:

@@ -14,14 +14,15 @@ from collections.abc import Callable
 from . import ioctls as io
 from ._ffi import ffi, libc
 from .errors import ClosedError, KvmError, foreign_process
-from .exits import Exit, IntrExit, decode
+from .exits import Exit, ExitReason, IntrExit, decode
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .vcpu_state import VcpuStateMixin
 
 __all__ = ["KICK_SIGNAL", "KVM_RUN_X86_SMM", "Vcpu", "watchdog"]
 
 KVM_RUN_X86_SMM = 1
-_EINTR, _EAGAIN = errno.EINTR, errno.EAGAIN
+_EINTR, _EAGAIN, _EFAULT = errno.EINTR, errno.EAGAIN, errno.EFAULT
+_MEMORY_FAULT = int(ExitReason.MEMORY_FAULT)
 _get_ident = threading.get_ident
 _KVM_RUN = io.KVM_RUN
 # KVM_RUN through a non-variadic function pointer to libc's ioctl: cffi calls a variadic
@@ -189,6 +190,13 @@ class Vcpu(VcpuStateMixin):
                 err = ffi.errno
                 if err == _EINTR:
                     return IntrExit(self._interrupted(False))
+                if err == _EFAULT and run.exit_reason == _MEMORY_FAULT:
+                    # KVM reports a memory fault as -1/EFAULT with the exit filled in
+                    # (api.rst, KVM_EXIT_MEMORY_FAULT); the reason is cleared so a later,
+                    # unrelated EFAULT is not mistaken for it.
+                    ex = decode(run, page)
+                    run.exit_reason = 0
+                    return ex
                 if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
                     raise foreign_process(KvmError(err, "KVM_RUN", self.role,
                                                    f"vCPU {self.id}"), self._pid)

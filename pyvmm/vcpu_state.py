@@ -5,16 +5,35 @@ ioctl each, on the vCPU handle's public `ioctl()`. `Vcpu` inherits them."""
 from __future__ import annotations
 
 import errno
+from enum import IntEnum
 from collections.abc import Callable, Iterable, Mapping
 
 from . import ioctls as io
 from ._ffi import ffi
 from .caps import Cap
 from .errors import KvmError, MissingCapability
-from .kvm import CpuidEntry, cpuid_from_c, cpuid_to_c, grow_cpuid
+from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c, grow_cpuid
 from .structs import Fpu, LapicState, Regs, Sregs, VcpuEvents
 
-__all__ = ["VcpuStateMixin", "check_msr_indices"]
+__all__ = ["MpState", "VcpuStateMixin", "check_msr_indices"]
+
+
+class MpState(IntEnum):
+    """KVM_GET/SET_MP_STATE values (x86). With the in-kernel irqchip the APs (vCPUs 1 and
+    up) start UNINITIALIZED and wait in KVM_RUN for INIT and SIPI; set RUNNABLE to start one
+    from the host instead."""
+
+    RUNNABLE = 0
+    UNINITIALIZED = 1
+    INIT_RECEIVED = 2
+    HALTED = 3
+    SIPI_RECEIVED = 4
+    STOPPED = 5
+    CHECK_STOP = 6
+    OPERATING = 7
+    LOAD = 8
+    AP_RESET_HOLD = 9
+    SUSPENDED = 10
 
 
 def check_msr_indices(indices: list[int]) -> None:

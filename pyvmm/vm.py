@@ -15,9 +15,23 @@ from ._ffi import ffi
 from .caps import Cap
 from .errors import ClosedError, KvmError, MissingCapability, foreign_process
 from .ioevent import IoEventAddress
-from .memory import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE, GuestMemory, MemoryRegion
+from .memory import (
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    PAGE_SIZE,
+    DirtyBitmap,
+    GuestMemory,
+    MemoryRegion,
+)
 from .vcpu import Vcpu
-from .vm_requests import check_gsi, fd_of, ioevent_error, ioevent_request, irqfd_request
+from .vm_requests import (
+    check_gsi,
+    fd_of,
+    ioevent_error,
+    ioevent_request,
+    irqfd_request,
+    msr_filter_request,
+)
 
 if TYPE_CHECKING:
     from .kvm import VmConfig
@@ -25,14 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 
 log = logging.getLogger("pyvmm")
-
-
-class DirtyBitmap(bytes):
-    """KVM's dirty bitmap of one region: bit n set = page n was written since the last read."""
-
-    def pages(self) -> list[int]:
-        return [i * 8 + b for i, byte in enumerate(self) if byte for b in range(8)
-                if byte >> b & 1]
 
 
 class Vm:
@@ -360,18 +366,9 @@ class Vm:
         """KVM_X86_SET_MSR_FILTER. Each range is (flags, base, bitmap): flags 1 = read,
         2 = write; bit n of bitmap set allows MSR base+n, clear denies it (and with
         KVM_CAP_X86_USER_SPACE_MSR enabled, a denied access exits to userspace)."""
-        ranges = list(ranges)
-        if len(ranges) > 16:
-            raise ValueError("at most 16 MSR filter ranges")
-        req = ffi.new("struct kvm_msr_filter *")
-        req.flags = 0 if default_allow else 1
-        keep = []
-        for i, (flags, base, bitmap) in enumerate(ranges):
-            buf = ffi.new("uint8_t[]", bytes(bitmap))
-            keep.append(buf)
-            r = req.ranges[i]
-            r.flags, r.base, r.nmsrs, r.bitmap = flags, base, len(bitmap) * 8, buf
+        req, keep = msr_filter_request(ranges, default_allow)
         self.ioctl(io.KVM_X86_SET_MSR_FILTER, req)
+        del keep  # the bitmaps the request points at, alive until the ioctl is done
 
     # -- stats ---------------------------------------------------------------------------
 

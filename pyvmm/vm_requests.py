@@ -10,7 +10,8 @@ from ._ffi import ffi
 from .errors import KvmError
 from .ioevent import IoEventAddress
 
-__all__ = ["check_gsi", "fd_of", "ioevent_error", "ioevent_request", "irqfd_request"]
+__all__ = ["check_gsi", "fd_of", "ioevent_error", "ioevent_request", "irqfd_request",
+           "msr_filter_request"]
 
 IOEVENTFD_DATAMATCH, IOEVENTFD_PIO, IOEVENTFD_DEASSIGN = 1, 2, 4
 IRQFD_DEASSIGN, IRQFD_RESAMPLE = 1, 2
@@ -88,3 +89,20 @@ def ioevent_error(err: KvmError, fd: int, address: IoEventAddress, length: int,
     if err.detail and "process" in err.detail:
         detail = err.detail  # foreign_process() said why already
     return type(err)(err.errno, err.ioctl, err.role, detail)
+
+
+def msr_filter_request(ranges, default_allow: bool) -> tuple[object, list]:
+    """A `struct kvm_msr_filter *` and the bitmap buffers it points at (keep them alive
+    until the ioctl returns)."""
+    ranges = list(ranges)
+    if len(ranges) > 16:
+        raise ValueError("at most 16 MSR filter ranges")
+    req = ffi.new("struct kvm_msr_filter *")
+    req.flags = 0 if default_allow else 1
+    keep = []
+    for i, (flags, base, bitmap) in enumerate(ranges):
+        buf = ffi.new("uint8_t[]", bytes(bitmap))
+        keep.append(buf)
+        r = req.ranges[i]
+        r.flags, r.base, r.nmsrs, r.bitmap = flags, base, len(bitmap) * 8, buf
+    return req, keep

@@ -50,6 +50,9 @@ CAP_SKIP_PROPERTY = "pyvmm_cap_skip"   # item.user_properties key, survives pyte
 CAP_SKIPS_FORMAT = "pyvmm-cap-skips/1"
 OUTCOMES_FORMAT = "pyvmm-outcomes/1"
 
+# kvm-unit-tests as pytest items (--kut-dir), in a module of their own.
+pytest_plugins = ("pyvmm.testing.kut_plugin",)
+
 
 def require_kvm() -> bool:
     """True when $PYVMM_REQUIRE_KVM asks for KVM tests to fail rather than skip."""
@@ -113,6 +116,20 @@ def machine(kvm):
         yield m
     finally:
         m.close()
+
+
+@pytest.fixture
+def payload_source(tmp_path):
+    """``make(body, mode="long64-user", name="p")``: a payload written from assembler source
+    (``pyvmm.inc`` included, the code at ``start``), as a path ``Machine.load`` and
+    ``guests.build`` take. Long64-user code runs natively (fast) even on an emulating host."""
+    def make(body: str, mode: str = "long64-user", name: str = "p") -> str:
+        bits = {"real16": ".code16", "prot32": ".code32"}.get(mode, ".code64")
+        src = tmp_path / f"{name}_{mode.replace('-', '_')}.S"
+        src.write_text(f"# pyvmm: mode={mode}\n.include \"pyvmm.inc\"\n.text\n{bits}\n"
+                       f".globl start\nstart:\n{body}\n")
+        return str(src)
+    return make
 
 
 # ------------------------------------------------------------------------ requires_cap marker
