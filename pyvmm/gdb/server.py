@@ -6,17 +6,11 @@
         server = GdbServer(m, "127.0.0.1:1234")
         result = server.serve()        # gdb: target remote :1234
 
-The guest waits at its first instruction until gdb connects and continues it. One gdb thread
-per vCPU (thread id = vCPU id + 1). All-stop: when one vCPU stops for the debugger, the others
-are stopped too; `s` steps only the selected vCPU. Runs go through `Machine.run()`, with a
-DebugExit handler that ends the run at the debugger's stops and gives the guest back the #DB
-and #BP exceptions that are its own. Ctrl-C in gdb stops a running guest (`Machine.stop()`,
-which kicks every vCPU). `detach` removes every breakpoint and lets the guest run to its end;
-`kill` ends the session with the guest where it is. `serve()` returns the session's
-`RunResult` (reports, console and exits of every run, the stop of the last).
-
-The stub listens on loopback only unless `allow_remote=True`: it gives whoever connects the
-guest's memory and registers.
+The guest waits at its first instruction until gdb continues it. One gdb thread per vCPU
+(id = vCPU id + 1), all-stop (`runner.Runner` runs the machine). `detach` removes every
+breakpoint and lets the guest run to its end; `kill` leaves it where it is. `serve()` returns
+the session's `RunResult` (reports, console, exits of every run; the stop of the last). The
+stub listens on loopback only unless `allow_remote=True`: it hands out the guest's memory.
 """
 
 from __future__ import annotations
@@ -139,7 +133,8 @@ class GdbServer:
             self._conn = None
         if ending == "detach" and self.runner.live:
             self.log("gdb detached: the guest runs on")
-            self.runner.results.append(self.machine.run(timeout=detach_timeout, vcpus=self.runner.live))
+            run = self.machine.run(timeout=detach_timeout, vcpus=self.runner.live)
+            self.runner.results.append(run)
         elif ending == "kill":
             self.log("gdb killed the guest")
         return self.runner.session_result(ending)
