@@ -316,9 +316,7 @@ class Machine:
                 self._stop_reason = None  # a stop() from now on is for the next run
         result.duration = time.perf_counter() - start
         for bell in self.doorbells:
-            # Rings the worker has not picked up yet: counted, and their callbacks run (one
-            # batch at a time with the worker's), so the result accounts for every ring.
-            bell._drain(deliver=True)
+            bell.flush()  # every ring signalled so far counted and its callback run
         self._merge(result, outcomes)
         result.console = self.console
         if self._worker is not None and self._worker.errors and result.error is None:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import GuestError
-
-#: GuestErrors kept per bus (all are counted): a guest cannot grow the host's memory.
-MAX_KEPT_ERRORS = 16
+from .limits import MAX_KEPT_ERRORS
 
 
 class Device(Protocol):

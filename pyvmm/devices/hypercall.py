@@ -36,6 +36,7 @@ from typing import Any
 
 from .._ffi import constants
 from ..errors import GuestError
+from .limits import MAX_KEPT_ERRORS
 
 log = logging.getLogger("pyvmm.devices")
 
@@ -52,9 +53,6 @@ KVM_X86_QUIRK_FIX_HYPERCALL_INSN = constants("KVM_X86_QUIRK_")["FIX_HYPERCALL_IN
 VMCALL = bytes((0x0F, 0x01, 0xC1))     # Intel
 VMMCALL = bytes((0x0F, 0x01, 0xD9))    # AMD
 
-#: Errors kept on a dispatcher (all are counted): a guest calling a broken handler a million
-#: times must not grow the host's memory.
-MAX_KEPT_ERRORS = 16
 
 _MASK64 = (1 << 64) - 1
 
