@@ -36,6 +36,7 @@ from typing import Any
 
 from .._ffi import constants
 from ..errors import GuestError
+from ..exits import HypercallExit
 from .limits import MAX_KEPT_ERRORS
 
 log = logging.getLogger("pyvmm.devices")
@@ -193,3 +194,15 @@ class HypercallDispatcher:
 
     def __repr__(self) -> str:
         return f"HypercallDispatcher(numbers={self.numbers}, calls={self.calls})"
+
+
+def serve_hypercalls(exit_handlers: dict, dispatcher: HypercallDispatcher) -> None:
+    """Route HypercallExit in the handler table `exit_handlers` (e.g. a Machine's) to
+    `dispatcher`. A table that already routes them elsewhere is left alone: ValueError, so
+    two devices never fight over one exit (pass the dispatcher that is there instead)."""
+    current = exit_handlers.get(HypercallExit)
+    if current is None:
+        exit_handlers[HypercallExit] = dispatcher.handle
+    elif current != dispatcher.handle:
+        raise ValueError(f"HypercallExit is already handled by {current!r}; share that "
+                         "handler's HypercallDispatcher instead")

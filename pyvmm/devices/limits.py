@@ -11,8 +11,8 @@ from __future__ import annotations
 #: counted): a guest hitting a broken device a million times must not grow host memory.
 MAX_KEPT_ERRORS = 16
 
-#: Live PV-DMA mappings a VM's device holds at most (``PvDma(max_mappings=...)``). A map
-#: request beyond it gets -ENOSPC and is counted in ``PvDma.refused``. One mapping costs
+#: Live PV-DMA mappings a VM holds at most (``PvDma(max_mappings=...)``). A map request
+#: beyond it gets -ENOSPC and is counted in ``PvDma.refused``. One mapping costs
 #: about 0.5 KiB of host memory, so the default bounds the table at about 2 MiB.
 DEFAULT_MAX_DMA_MAPPINGS = 4096
 
