@@ -31,6 +31,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invari
                                  precondition, rule, run_state_machine_as_test)
 
 from pyvmm import IoEventAddress, Kvm, KvmError, Machine, guests
+from resources import open_fds, settle
 
 EXAMPLES = int(os.environ.get("PYVMM_API_FUZZ_EXAMPLES", "30"))
 STEPS = int(os.environ.get("PYVMM_API_FUZZ_STEPS", "30"))
@@ -44,21 +45,6 @@ PORT, OTHER, MMIO = 0x510, 0x600, 0xD000_0000
 PAYLOADS = {name: guests.build(name) for name in ("hello", "doorbell")}
 #: Tally of the documented errors seen over the whole session (printed at the end).
 SEEN: Counter = Counter()
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def settle(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
 
 
 class Step:

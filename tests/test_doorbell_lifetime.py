@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import gc
 import os
 import threading
 import time
@@ -19,6 +18,7 @@ from pyvmm import IoEventAddress, KvmError, Machine
 from pyvmm.devices import Counter, Doorbell, DoorbellWorker, Interrupt
 from pyvmm.devices.interrupt import default_gsis
 from pyvmm.devices.limits import KVM_MAX_IRQ_ROUTES
+from resources import open_fds, settle
 
 PORT, OTHER = 0x510, 0x600
 MMIO = 0xD0000000
@@ -26,25 +26,6 @@ MMIO = 0xD0000000
 
 def regs(rings: int, port: int = PORT) -> dict[str, int]:
     return {"rcx": rings, "rdi": 0, "r10": 1, "rsi": 0x5A, "r8": port, "r9": MMIO}
-
-
-def open_fds(collect: bool = True) -> int:
-    """Open fds, after collecting the garbage earlier tests left (it may hold fds)."""
-    if collect:
-        gc.collect()
-    return len(os.listdir("/proc/self/fd"))
-
-
-def settle(predicate, timeout: float = 10.0) -> bool:
-    """Collect garbage until `predicate()` holds (threads end asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        gc.collect()
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------- one reader, flush()
