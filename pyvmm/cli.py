@@ -64,17 +64,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         if kvm_module() == "kvm_pvm":
             print("\nNote: kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never forwards a "
                   "hypercall (VMCALL at CPL0 hangs KVM_RUN); guest CPL0 code is emulated, "
-                  "CPL3 code runs natively (shared/HOST.md).")
+                  "CPL3 code runs natively (docs/HOSTS.md in pyvmm's repository).")
     return 0
 
 
 def _parse_regs(pairs: list[str]) -> dict[str, int]:
+    from .structs import Regs
+
+    names = list(Regs().to_dict())
     regs = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        name = name.strip().lower()
         if not value:
-            raise SystemExit(f"--reg wants NAME=VALUE, got {pair!r}")
-        regs[name.strip().lower()] = int(value, 0)
+            raise ValueError(f"--reg wants NAME=VALUE, got {pair!r} (e.g. --reg rcx=1000)")
+        if name not in names:
+            raise ValueError(f"--reg {pair!r}: no register named {name!r}; the registers are "
+                             f"{', '.join(names)}")
+        try:
+            regs[name] = int(value, 0)
+        except ValueError:
+            raise ValueError(f"--reg {pair!r}: {value!r} is not a number (e.g. 1000, 0x3e8 or "
+                             "0b1111101000)") from None
     return regs
 
 
@@ -105,8 +116,64 @@ def cmd_nested(args: argparse.Namespace) -> int:
     return nested.main(args.rest)
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as the one line the CLI prints: its message, with the errno where it has one."""
+    from .errors import KvmError
+
+    if isinstance(err, KvmError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        text = str(err.strerror)
+        if err.filename and str(err.filename) not in text:
+            text += f": {err.filename}"
+        return text
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (a missing device, payload or tool, a bad argument):
+    one line, no traceback. Anything else is a bug and keeps its traceback."""
+    from .errors import KvmError, KvmUnavailable
+    from .guests.toolchain import ToolchainError
+
+    return (KvmUnavailable, KvmError, ToolchainError, FileNotFoundError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `pyvmm` command. Errors the user can fix print one line (`pyvmm: ...`) and exit 2;
+    `pyvmm --debug ...` (or PYVMM_DEBUG=1) shows their tracebacks instead."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("PYVMM_DEBUG", "") not in ("", "0")
+    while argv[:1] == ["--debug"]:
+        debug = True
+        argv = argv[1:]
+    try:
+        return _main(argv, debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as err:
+        if debug:
+            raise
+        print(f"pyvmm: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = argparse.ArgumentParser(prog="pyvmm", description="Drive KVM from Python.")
+    parser.add_argument("--version", action="version", version=f"pyvmm {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what this host's KVM can do, and why it matters")
@@ -129,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_nested)
 
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
         from .testing import nested
 
@@ -141,13 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="pyperf benchmarks against a C reference (see `pyvmm bench -h`)")
 
     args = parser.parse_args(argv)
-    from .errors import KvmUnavailable
-
-    try:
-        return args.func(args)
-    except KvmUnavailable as err:
-        print(f"pyvmm: {err.strerror}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ _R = ExitReason
 
 class Exit:
     """Base of every exit. `exit_reason` is the KVM_EXIT_* number; `reason`, where an exit has
-    it, is that exit's own field (DESIGN.md: FailEntryExit, MsrExit, UnknownExit)."""
+    it, is that exit's own field (FailEntryExit, MsrExit, UnknownExit)."""
 
     __slots__ = ()
     exit_reason: int = -1

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from . import ioctls as io
 from ._ffi import ffi
 from .caps import Cap
-from .errors import ClosedError, KvmError, KvmUnavailable
+from .errors import ClosedError, KvmError, KvmUnavailable, permission_advice
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -62,8 +62,7 @@ def _unavailable(path: str, err: OSError) -> KvmUnavailable:
                "(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualisation in the "
                "firmware, or, inside a VM, enable nested virtualisation on its host.")
     elif err.errno in (errno.EACCES, errno.EPERM):
-        why = (f"{path} exists but this user may not open it: add the user to the `kvm` group "
-               "(`sudo usermod -aG kvm $USER`, then log in again) or fix the device's mode.")
+        why = permission_advice(path)
     elif err.errno == errno.ENXIO or err.errno == errno.ENODEV:
         why = f"{path} has no driver behind it: load kvm_intel or kvm_amd."
     else:

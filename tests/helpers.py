@@ -4,7 +4,7 @@ of 16-bit code with GNU as, and put a vCPU into real mode at a load address.
 
 Real mode keeps the guests tiny: CS base 0, IP = LOAD, flat 64 KiB addressable through segment
 registers that are all 0 unless a test says otherwise. Guest code at CPL0 is emulated one
-instruction at a time on kvm_pvm (HOST.md), so every guest here is a handful of instructions.
+instruction at a time on kvm_pvm (docs/HOSTS.md), so every guest here is a handful of instructions.
 """
 
 from __future__ import annotations
