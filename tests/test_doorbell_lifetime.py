@@ -202,3 +202,22 @@ def test_interrupts_that_could_never_reach_the_guest_are_refused(kvm):
         assert info.value.errno == errno.EINVAL
         assert [m.interrupt(g).gsi for g in (Pin.TIMER, Index())] == [5, 6]
         assert Interrupt(m.vm, KVM_MAX_IRQ_ROUTES - 1).gsi == KVM_MAX_IRQ_ROUTES - 1
+
+
+def test_gsi_routing_refuses_what_it_does_not_route(kvm):
+    from pyvmm.devices.interrupt import GsiRouting
+
+    with Machine(kvm=kvm, irqchip=True, serial=False) as m:
+        routing = GsiRouting(m.vm)
+        assert routing.interrupt(23).gsi == 23
+        with pytest.raises(ValueError, match="no route"):
+            routing.interrupt(24)                      # no MSI route yet
+        irq = routing.msi_interrupt(0x40)
+        assert irq.gsi == 24 and 24 in routing
+        irq.trigger()
+        assert routing.interrupt(24).gsi == 24       # routed now
+        with pytest.raises(ValueError, match="no route"):
+            routing.interrupt(25)
+        with pytest.raises(ValueError, match="16..255"):
+            routing.msi_interrupt(3)
+        assert list(routing) == [*range(24), 24]

@@ -136,3 +136,44 @@ class Interrupt:
 
     def __repr__(self) -> str:
         return f"Interrupt(gsi={self.gsi}, count={self.count})"
+
+
+class GsiRouting:
+    """The GSI routing table of a VM with the in-kernel irqchip, kept where interrupts are
+    made: the default IOAPIC/PIC routes plus MSI routes added one at a time (GSIs 24 and up).
+    It knows which GSIs reach the guest, so an interrupt on any other is refused (`in`
+    tests a GSI). KVM_SET_GSI_ROUTING replaces the whole table: every call sends all of it."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self._lock = threading.Lock()
+        self._msi: dict[int, tuple[int, int]] = {}   # gsi -> (address, data)
+
+    def __contains__(self, gsi: object) -> bool:
+        return gsi in default_gsis() or gsi in self._msi
+
+    def __iter__(self):
+        return iter([*default_gsis(), *sorted(self._msi)])
+
+    def add_msi(self, vector: int, *, address: int = MSI_ADDRESS) -> int:
+        """Route a new GSI to an MSI (`vector`, to local APIC 0 by default); returns it."""
+        data = msi_data(vector)
+        with self._lock:
+            gsi = IOAPIC_PINS + len(self._msi)
+            if gsi >= KVM_MAX_IRQ_ROUTES:
+                raise ValueError(f"no GSI left for another MSI route ({KVM_MAX_IRQ_ROUTES} "
+                                 "is KVM's limit)")
+            routes = {**self._msi, gsi: (address, data)}
+            self.vm.set_gsi_routing(default_routes() + [("msi", g, a, d) for g, (a, d)
+                                                        in sorted(routes.items())])
+            self._msi = routes
+            return gsi
+
+    def interrupt(self, gsi: int) -> Interrupt:
+        """An irqfd on `gsi`, which must be routed (ValueError otherwise)."""
+        return Interrupt(self.vm, gsi, routed=self)
+
+    def msi_interrupt(self, vector: int, *, address: int = MSI_ADDRESS) -> Interrupt:
+        """An irqfd on a new GSI routed to an MSI: the interrupt reaches the LAPIC directly,
+        with no IOAPIC programming in the guest."""
+        return Interrupt(self.vm, self.add_msi(vector, address=address), routed=self)
