@@ -31,6 +31,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, consumes, invari
                                  precondition, rule, run_state_machine_as_test)
 
 from pyvmm import IoEventAddress, Kvm, KvmError, Machine, guests
+from pyvmm.devices import PvDma
 from resources import open_fds, settle
 
 EXAMPLES = int(os.environ.get("PYVMM_API_FUZZ_EXAMPLES", "30"))
@@ -154,6 +155,33 @@ class ApiFuzz(RuleBasedStateMachine):
         kicker.join(STEP_BOUND)
         assert not kicker.is_alive()
 
+    @rule(vcpu=vcpus, from_thread=st.booleans())
+    def vcpu_state(self, vcpu, from_thread):
+        """Registers read and written back, here or from another thread (while the vCPU may
+        be in a run another rule started)."""
+        if vcpu is None:
+            return
+
+        def body():
+            with Step("vcpu state"):
+                vcpu.set_regs(vcpu.get_regs())
+                vcpu.set_sregs(vcpu.get_sregs())
+
+        if from_thread:
+            t = threading.Thread(target=body)
+            t.start()
+            self.threads.append(t)
+        else:
+            body()
+
+    @rule(vm=vms, gpa=st.integers(0, 1 << 22), length=st.integers(0, 9000), write=st.booleans())
+    def memory_access(self, vm, gpa, length, write):
+        with Step("vm.memory"):
+            if write:
+                vm.memory.write(gpa, bytes(length))
+            else:
+                assert len(vm.memory.read(gpa, length)) == length
+
     @rule(vcpu=vcpus)
     def vcpu_close(self, vcpu):
         if vcpu is not None:
@@ -248,6 +276,22 @@ class ApiFuzz(RuleBasedStateMachine):
                 bell.wait(timeout=0.01)
             else:
                 bell.move(IoEventAddress.pio(0x700), length=1)
+
+    @rule(m=machines, requests=st.lists(st.tuples(st.integers(0, 600),
+                                                   st.sampled_from([0, 1, 2, 513]),
+                                                   st.sampled_from([0, 16, 3, 1 << 31])),
+                                         max_size=8))
+    def pvdma(self, m, requests):
+        """A PV-DMA device on the machine and a burst of guest requests (map, unmap, bad)."""
+        with Step("pvdma"):
+            dma = PvDma(m.vm, m.pio, None, "pio", mmio=m.mmio, max_mappings=4)
+            try:
+                for page, npages, attrs in requests:
+                    assert dma.request(page * 4096, npages, attrs) <= 0
+                assert len(dma.mappings) <= 4
+            finally:
+                dma.close()
+            assert dma.pinned_pages == 0 and not dma.mappings
 
     @rule(target=interrupts, m=machines,
           gsi=st.sampled_from([0, 5, 23, 24, 4095, 4096, 2**31, -1, True]))
