@@ -28,6 +28,27 @@ class KvmError(OSError):
         return (type(self), (self.errno, self.ioctl, self.role, self.detail))
 
 
+class ForeignProcessError(KvmError):
+    """A VM or vCPU fd used in a process other than the one that created the VM (a forked
+    child): KVM answers EIO, because its fds belong to the creating process."""
+
+
+def foreign_process(err: KvmError, creator_pid: int) -> KvmError:
+    """`err` as a ForeignProcessError when this process did not create the VM, else `err`."""
+    pid = os.getpid()
+    if pid == creator_pid or isinstance(err, ForeignProcessError):
+        return err
+    return ForeignProcessError(
+        err.errno, err.ioctl, err.role,
+        f"KVM fds belong to the process that created the VM (pid {creator_pid}); this is pid "
+        f"{pid}, a forked child: create a new Kvm/Machine in the child instead")
+
+
+#: How many errors a device, bus or worker keeps for the application to read (the first
+#: ones; later ones are counted only).
+MAX_KEPT_ERRORS = 16
+
+
 class MissingCapability(KvmError):
     """The host's KVM lacks a capability the call needs; raised before the ioctl would fail
     with a less helpful errno."""

@@ -20,8 +20,8 @@ FORBIDDEN = re.compile("|".join([
     r"\b" + "DESIGN" + r"\.md",
 ]))
 
-# CI and test config are the places allowed to use the developers' kvm-unit-tests checkout beside the clone,
-# through a setting a user points at their own build.
+# CI and test config are the places allowed to use the developers' kvm-unit-tests checkout
+# beside the clone, through a setting a user points at their own build.
 ALLOWED = {".ci/run", "tox.ini", "tests/conftest.py"}
 
 

@@ -14,8 +14,7 @@ from bisect import bisect_right as _bisect_right
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import GuestError
-from .limits import MAX_KEPT_ERRORS
+from ..errors import MAX_KEPT_ERRORS, GuestError
 
 
 class Device(Protocol):

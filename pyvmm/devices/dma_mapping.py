@@ -98,11 +98,11 @@ class DmaMapping:
                         for p, o, n in self._chunks(offset, length))
 
     def write(self, offset: int, data: bytes) -> None:
-        data = memoryview(data).cast("B")
-        self._check(offset, len(data))
+        src = memoryview(data).cast("B")
+        self._check(offset, len(src))
         done = 0
-        for p, o, n in self._chunks(offset, len(data)):
-            p.region.view(p.offset + o, n)[:] = data[done: done + n]
+        for p, o, n in self._chunks(offset, len(src)):
+            p.region.view(p.offset + o, n)[:] = src[done: done + n]
             done += n
 
     def release(self) -> None:

@@ -30,10 +30,9 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import KvmError
+from ..errors import MAX_KEPT_ERRORS, KvmError
 from ..ioevent import IoEventAddress
 from .doorbell_worker import DoorbellWorker
-from .limits import MAX_KEPT_ERRORS
 
 if TYPE_CHECKING:
     from ..vm import Vm

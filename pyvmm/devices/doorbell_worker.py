@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .limits import MAX_KEPT_ERRORS
+from ..errors import MAX_KEPT_ERRORS
 
 if TYPE_CHECKING:
     from .doorbell import Doorbell

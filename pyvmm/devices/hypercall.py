@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._ffi import constants
-from ..errors import GuestError
+from ..errors import MAX_KEPT_ERRORS, GuestError
 from ..exits import HypercallExit
-from .limits import MAX_KEPT_ERRORS
 
 log = logging.getLogger("pyvmm.devices")
 

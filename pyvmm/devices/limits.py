@@ -2,14 +2,13 @@
 """The bounds of what a guest (or a broken device) can make the device model keep.
 
 Every buffer a guest can fill has a bound here; what goes over it is counted, never kept.
-The machine layer imports these too, so each bound is defined once.
+Each bound is defined once; the machine layer imports these too.
 """
 
 from __future__ import annotations
 
-#: Errors kept per bus, hypercall dispatcher, doorbell and doorbell worker (all are
-#: counted): a guest hitting a broken device a million times must not grow host memory.
-MAX_KEPT_ERRORS = 16
+# (The errors a bus, dispatcher, doorbell or worker keeps are bounded by
+# pyvmm.errors.MAX_KEPT_ERRORS, defined there so every layer can use the one bound.)
 
 #: Live PV-DMA mappings a VM holds at most (``PvDma(max_mappings=...)``). A map request
 #: beyond it gets -ENOSPC and is counted in ``PvDma.refused``. One mapping costs

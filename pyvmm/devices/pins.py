@@ -43,17 +43,15 @@ def munlock(addr: int, length: int) -> None:
 
 def runs(pages: list[int]) -> Iterator[tuple[int, int]]:
     """(first host address, length) of each run of consecutive host pages."""
-    start = prev = None
-    for page in pages:
-        if start is None:
-            start = prev = page
-        elif page == prev + PAGE_SIZE:
-            prev = page
-        else:
+    if not pages:
+        return
+    start = prev = pages[0]
+    for page in pages[1:]:
+        if page != prev + PAGE_SIZE:
             yield start, prev + PAGE_SIZE - start
-            start = prev = page
-    if start is not None:
-        yield start, prev + PAGE_SIZE - start
+            start = page
+        prev = page
+    yield start, prev + PAGE_SIZE - start
 
 
 class PinTable:
