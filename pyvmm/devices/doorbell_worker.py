@@ -10,7 +10,6 @@ when collected, and the thread releases its epoll and wake-up fds as it ends.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import threading
@@ -19,11 +18,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import MAX_KEPT_ERRORS
+from .logs import log_failure
 
 if TYPE_CHECKING:
     from .doorbell import Doorbell
-
-log = logging.getLogger("pyvmm.devices")
 
 __all__ = ["DoorbellWorker"]
 
@@ -79,8 +77,8 @@ class _WorkerCore:
             self.serving.append(bell)
         try:
             bell.serve()
-        except Exception:  # serve() reports callback errors itself: this is a bug of ours
-            log.exception("serving %r failed", bell)
+        except Exception as err:  # serve() reports callback errors itself: a bug of ours
+            log_failure(f"serving {bell!r}", err)
         finally:
             with self.lock:
                 self.serving.remove(bell)
@@ -212,12 +210,12 @@ class DoorbellWorker:
         if len(self.errors) < MAX_KEPT_ERRORS:
             self.errors.append((doorbell, err))
         if doorbell.error_count <= 1:  # log once per doorbell; error_count has the rest
-            log.error("doorbell callback failed for %s: %r", doorbell.address, err)
+            log_failure(f"doorbell callback for {doorbell.address}", err)
         if self.on_error is not None:
             try:
                 self.on_error(doorbell, err)
-            except Exception:
-                log.exception("doorbell on_error hook failed")
+            except Exception as hook_err:
+                log_failure("doorbell on_error hook", hook_err)
 
     def close(self) -> None:
         """Stop the thread (after it finishes the batch in hand) and release the epoll fd.

@@ -28,7 +28,6 @@ the guest gets the #UD. :func:`native_instruction` picks the native one from the
 from __future__ import annotations
 
 import errno as _errno
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +36,8 @@ from typing import Any
 from .._ffi import constants
 from ..errors import MAX_KEPT_ERRORS, GuestError
 from ..exits import HypercallExit
+from .logs import log_failure
 
-log = logging.getLogger("pyvmm.devices")
 
 _HC = constants("KVM_HC_")
 KVM_HC_MAP_GPA_RANGE = _HC["MAP_GPA_RANGE"]          # 12
@@ -174,7 +173,7 @@ class HypercallDispatcher:
             return -KVM_ENOMEM
         except Exception as err:
             self._error(nr, err)
-            log.exception("hypercall %d handler %r failed", nr, handler)
+            log_failure(f"hypercall {nr} handler {handler!r}", err)
             return -KVM_EIO
         if result is None:
             return 0
