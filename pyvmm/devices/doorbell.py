@@ -98,6 +98,7 @@ class Doorbell:
         self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._finalizer = weakref.finalize(self, _release_eventfd, self._fd, weakref.ref(vm),
                                            self._registration)
+        self._finalizer.atexit = False  # at exit the process's fds close with it
         try:
             vm.register_ioevent(self._fd, address, length=length, datamatch=datamatch)
             self._registration[0] = (address, length, datamatch)

@@ -176,7 +176,7 @@ class DoorbellWorker:
         self.error_count = 0
         self.on_error: Callable[[Doorbell, BaseException], None] | None = None
         self._core = _WorkerCore(name)
-        weakref.finalize(self, self._core.stop)
+        weakref.finalize(self, self._core.stop).atexit = False
 
     @property
     def running(self) -> bool:

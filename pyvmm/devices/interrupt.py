@@ -109,6 +109,7 @@ class Interrupt:
             raise
         self._finalizer = weakref.finalize(self, _release_irqfd, self._fd, weakref.ref(vm),
                                            gsi)
+        self._finalizer.atexit = False  # at exit the process's fds close with it
 
     def fileno(self) -> int:
         return self._fd
