@@ -296,9 +296,7 @@ class Machine:
                 self._running = False
                 self._control = RunControl(self.vcpus)  # a stop() from now on: the next run
         for bell in self.doorbells:
-            # Rings the worker has not picked up yet: counted, and their callbacks run (one
-            # batch at a time with the worker's), so the result accounts for every ring.
-            bell._drain(deliver=True)
+            bell.flush()  # every ring signalled so far counted and its callback run
         finish(result, outcome, control, started, self._console)
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = self._worker.errors[0][1]

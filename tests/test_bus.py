@@ -160,3 +160,44 @@ def test_dispatch_while_devices_come_and_go():
         stop.set()
         thread.join()
     assert steady.count == writes
+
+
+def test_serial_keeps_a_bounded_tail_of_a_guest_that_prints_forever(kvm, tmp_path):
+    """Issue 13.7: the UART kept a second copy of all output for the machine's life. Now it
+    keeps the last `keep` bytes, counts what it dropped, and its sink still sees all."""
+    src = tmp_path / "serial_flood.S"
+    src.write_text("""
+# pyvmm: mode=real16 load=0x1000 entry=start
+.include "pyvmm.inc"
+    .code16
+    .globl start
+start:
+    movw $0x3f8, %dx
+    movw $3000, %cx
+1:  movb %cl, %al
+    andb $0x0f, %al
+    addb $0x41, %al          # 'A' + (count & 15)
+    outb %al, %dx
+    loop 1b
+    DONE
+""")
+    seen = bytearray()
+    with Machine(kvm=kvm) as m:
+        m.serial.keep = 100
+        m.serial.sink = seen.extend
+        m.load(str(src))
+        result = m.run(timeout=30)
+        assert result.ok, result
+        assert len(seen) == 3000
+        assert m.serial.output == bytes(seen[-100:])
+        assert m.serial.dropped == 2900
+
+
+def test_serial_keep_is_checked_and_zero_keeps_nothing():
+    got = []
+    uart = SerialConsole(sink=got.append, keep=0)
+    uart.write(0, b"A")
+    assert uart.output == b"" and uart.dropped == 1 and got == [b"A"]
+    for bad in (-1, True, "10"):
+        with pytest.raises((ValueError, TypeError)):
+            SerialConsole(keep=bad)

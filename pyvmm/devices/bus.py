@@ -14,10 +14,7 @@ from bisect import bisect_right as _bisect_right
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import GuestError
-
-#: GuestErrors kept per bus (all are counted): a guest cannot grow the host's memory.
-from ..errors import MAX_KEPT_ERRORS  # noqa: E402 - one definition, in errors
+from ..errors import MAX_KEPT_ERRORS, GuestError
 
 
 class Device(Protocol):
