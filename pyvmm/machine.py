@@ -20,6 +20,7 @@ from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
 from .vcpu import Vcpu
+from .vm import Vm
 from .vcpu_state import MpState
 
 #: How a run ended (kept here for older imports: the run loop owns them).
@@ -66,7 +67,7 @@ class Machine:
         # Everything close() looks at exists before anything can fail.
         self._own_kvm = kvm is None
         self.kvm: Kvm | None = None
-        self.vm = None
+        self._vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.doorbells: list[Doorbell] = []
         self.interrupts: list[Interrupt] = []
@@ -78,7 +79,7 @@ class Machine:
             if count > limit:
                 raise ValueError(f"Machine(vcpus={count}): this KVM allows at most {limit} "
                                  "vCPUs per VM (KVM_CAP_MAX_VCPUS)")
-            self.vm = self.kvm.create_vm()
+            self._vm = self.kvm.create_vm()
             self.irqchip = irqchip
             if irqchip:
                 self.vm.create_irqchip()
@@ -103,6 +104,13 @@ class Machine:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def vm(self) -> Vm:
+        """The machine's VM."""
+        if self._vm is None:
+            raise ClosedError("the machine has no VM (its creation failed)")
+        return self._vm
 
     @property
     def memory(self):
@@ -397,8 +405,8 @@ class Machine:
             step(worker.close)
         for irq in self.interrupts:
             step(irq.close)
-        if self.vm is not None:
-            step(self.vm.close)
+        if self._vm is not None:
+            step(self._vm.close)
         if self._own_kvm and self.kvm is not None:
             step(self.kvm.close)
         if errors:
@@ -408,7 +416,7 @@ class Machine:
         # A machine dropped without close(): its worker thread, doorbells, interrupts and VM
         # go with it (the worker would otherwise keep the VM and its RAM alive forever).
         try:
-            if self.vm is not None and not self.vm.closed:
+            if self._vm is not None and not self._vm.closed:
                 self.close()
         except Exception:
             pass
