@@ -3,12 +3,12 @@ loop that runs a guest payload to its end."""
 
 from __future__ import annotations
 
-import operator
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
 from .errors import ClosedError
@@ -35,20 +35,6 @@ ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-def _count(what: str, value: object) -> int:
-    """`value` as a count: what operator.index accepts (not bool), >= 1."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, not {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, not {type(value).__name__} "
-                         f"{value!r}") from None
-    if n < 0:
-        raise ValueError(f"{what} must be >= 0, not {n}")
-    return n
-
-
 class Machine:
     """A VM ready to run payloads.
 
@@ -63,7 +49,9 @@ class Machine:
 
     def __init__(self, *, vcpus: int = 1, memory_size: int | None = None, irqchip: bool = False,
                  kvm: Kvm | None = None, serial: bool = True) -> None:
-        count = _count("vcpus", vcpus)
+        count = as_index("vcpus", vcpus)
+        if count < 0:
+            raise ValueError(f"vcpus must be >= 0, not {count}")
         # Everything close() looks at exists before anything can fail.
         self._own_kvm = kvm is None
         self.kvm: Kvm | None = None

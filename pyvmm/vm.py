@@ -4,7 +4,6 @@ MSR-filter requests are built in `pyvmm.vm_requests`)."""
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi
+from .args import as_index
 from .caps import Cap
 from .errors import ClosedError, KvmError, MissingCapability, foreign_process
 from .ioevent import IoEventAddress
@@ -236,13 +236,7 @@ class Vm:
         """KVM_CREATE_VCPU with `vcpu_id` (any integer operator.index accepts; not bool), or
         the lowest id never used in this VM."""
         if vcpu_id is not None:
-            if isinstance(vcpu_id, bool):
-                raise ValueError(f"vCPU id must be an integer, not {vcpu_id!r}")
-            try:
-                vcpu_id = operator.index(vcpu_id)
-            except TypeError:
-                raise ValueError(f"vCPU id must be an integer, not {type(vcpu_id).__name__} "
-                                 f"{vcpu_id!r}") from None
+            vcpu_id = as_index("vCPU id", vcpu_id)
         limit = self.config.max_vcpu_id
         with self._lock:
             if vcpu_id is None:
