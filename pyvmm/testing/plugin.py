@@ -116,6 +116,24 @@ def machine(kvm):
 
 
 @pytest.fixture
+def make_machine(kvm):
+    """``make(**options)``: a ``pyvmm.Machine(kvm=..., **options)`` (vcpus, irqchip,
+    memory_size, serial), each closed after the test."""
+    pyvmm = _import_core()
+    made = []
+
+    def make(**options):
+        m = pyvmm.Machine(kvm=kvm, **options)
+        made.append(m)
+        return m
+    try:
+        yield make
+    finally:
+        for m in reversed(made):
+            m.close()
+
+
+@pytest.fixture
 def payload_source(tmp_path):
     """``make(body, mode="long64-user", data="", name="p")``: a payload written from
     assembler source (``pyvmm.inc`` included, `body` at ``start``, `data` in ``.data``), as a
