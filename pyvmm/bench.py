@@ -252,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     print("pyvmm, C: pyperf medians per operation (ring, round trip or spawn); ratio = pyvmm/C "
           "of those;\npaired = median pyvmm/C of 7 interleaved pairs in one process (equal "
           "machine load),\nwhich the ratio targets use")
-    print(format_table(load_rows([path])))
+    rows = load_rows([path])
+    print(format_table(rows))
+    if any(r.group == "kut-vmexit" for r in rows):  # bench/bench_kut_vmexit.py
+        print("vmexit rows: the C column is QEMU+KVM booting the same kvm-unit-tests "
+              "vmexit.flat (guest-timed)")
     print()
     print(hypercall_line())
     return 0

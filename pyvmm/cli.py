@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, nested, bench."""
+"""The `pyvmm` command: info, run, demo, nested, bench, kut."""
 
 from __future__ import annotations
 
@@ -99,7 +99,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         machine.console_sink = echo
         payload = machine.load(args.payload, regs=_parse_regs(args.reg))
-        result = machine.run(timeout=args.timeout)
+        if args.gdb:
+            result = _run_under_gdb(machine, payload, args)
+        else:
+            result = machine.run(timeout=args.timeout)
         print(f"\n--- {payload.name} ({payload.mode}, entry {payload.entry:#x})")
         for report in result.reports:
             print(f"  {report}")
@@ -107,10 +110,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
 
 
+def _run_under_gdb(machine, payload, args: argparse.Namespace):
+    import shlex
+
+    from .gdb import GdbServer
+
+    try:
+        server = GdbServer(machine, args.gdb, arch=args.gdb_arch)
+    except ValueError as err:
+        raise SystemExit(f"pyvmm: --gdb: {err}") from None
+    with server:
+        host, port = server.address
+        print(f"pyvmm: gdb stub on {host}:{port} ({server.target_arch}); {payload.name} waits at "
+              f"its first instruction. Connect with:\n  "
+              f"{shlex.join(server.gdb_command(str(payload.elf_path)))}",
+              file=sys.stderr, flush=True)
+        return server.serve(detach_timeout=args.timeout)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main
 
     return main(args.rings)
+
+
+def cmd_kut(args: argparse.Namespace) -> int:
+    from .kut.command import main as kut_main
+
+    return kut_main(args)
 
 
 def _version() -> str:
@@ -183,11 +210,21 @@ def _main(argv: list[str], debug: bool) -> int:
     p.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
                    help="set a register before the first instruction (e.g. rcx=1000)")
     p.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip")
+    p.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="wait for gdb on this address (loopback) before the first instruction")
+    p.add_argument("--gdb-arch", choices=("x86-64", "i386", "i8086"),
+                   help="the registers gdb sees (default: the mode the payload starts in)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="the doorbell harness: userspace exits vs ioeventfd")
     p.add_argument("--rings", type=int, default=20000)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")
+    from .kut.command import add_arguments as kut_arguments
+
+    kut_arguments(p)
+    p.set_defaults(func=cmd_kut)
 
     if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
         from .testing import nested

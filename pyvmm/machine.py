@@ -414,3 +414,17 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- loaders --
+    def load_multiboot(self, path, *, cmdline: str = "", modules=(), **kwargs):
+        """Load a Multiboot v1 kernel (ELF32) into RAM and set vCPU 0 at its entry in 32-bit
+        protected mode (EAX=0x2BADB002, EBX=the information structure); see
+        `pyvmm.loaders.multiboot.load_multiboot`. The other vCPUs are left for the guest
+        to start (INIT/SIPI)."""
+        from .loaders.multiboot import load_multiboot
+
+        info = load_multiboot(self, path, cmdline=cmdline, modules=modules, **kwargs)
+        for vcpu in self.vcpus[1:]:
+            if not vcpu.cpuid_set:
+                vcpu.set_supported_cpuid()
+        return info

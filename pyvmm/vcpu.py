@@ -325,3 +325,27 @@ class Vcpu(VcpuStateMixin):
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self._fd})"
+
+    # -- guest debugging --
+
+    def set_guest_debug(self, *, single_step: bool = False, sw_breakpoints: bool = False,
+                        hw_breakpoints=(), inject: int | None = None,
+                        block_irqs: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG: stop with a DebugExit after every instruction
+        (`single_step`), at the guest's int3 (`sw_breakpoints`), at up to four debug-register
+        breakpoints and watchpoints (`hw_breakpoints`: `guestdebug.HwBreakpoint`s or
+        addresses). Every call replaces the whole configuration; no arguments turn it off.
+        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run();
+        `block_irqs` steps without taking interrupts (KVM_GUESTDBG_BLOCKIRQ)."""
+        from .guestdebug import set_guest_debug
+
+        set_guest_debug(self, single_step=single_step, sw_breakpoints=sw_breakpoints,
+                        hw_breakpoints=hw_breakpoints, inject=inject, block_irqs=block_irqs)
+
+    def translate(self, gva: int):
+        """KVM_TRANSLATE: the guest-physical address of the linear address `gva` under the
+        vCPU's current paging, as a `guestdebug.Translation(gpa, valid, writeable,
+        usermode)`."""
+        from .guestdebug import translate
+
+        return translate(self, gva)

@@ -57,9 +57,9 @@ def test_caps_stub_matches_the_header():
 def test_mypy_sees_cap_members(tmp_path):
     """A user's code type-checks against Cap's members and catches a misspelt one."""
     if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None:
-        if os.environ.get("CI"):  # a test extra
+        if os.environ.get("CI"):  # .ci/run installs the type extra
             pytest.fail("mypy is not installed", pytrace=False)
-        pytest.skip("mypy is not installed (pip install -e '.[test]')")
+        pytest.skip("mypy is not installed (pip install -e '.[type]')")
     good = tmp_path / "good.py"
     good.write_text("from pyvmm import Cap, Kvm\n\nn: int = Cap.IOEVENTFD + Cap.X86_SMM.value\n")
     bad = tmp_path / "bad.py"
@@ -77,7 +77,7 @@ def test_mypy_passes_on_the_package(tmp_path):
     if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None:
         if os.environ.get("CI"):
             pytest.fail("mypy is not installed", pytrace=False)
-        pytest.skip("mypy is not installed (pip install -e '.[test]')")
+        pytest.skip("mypy is not installed (pip install -e '.[type]')")
     proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"),
                            "pyvmm", "bench/benchlib.py"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)

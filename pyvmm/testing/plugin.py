@@ -50,6 +50,9 @@ CAP_SKIP_PROPERTY = "pyvmm_cap_skip"   # item.user_properties key, survives pyte
 CAP_SKIPS_FORMAT = "pyvmm-cap-skips/1"
 OUTCOMES_FORMAT = "pyvmm-outcomes/1"
 
+# kvm-unit-tests as pytest items (--kut-dir), in a module of their own.
+pytest_plugins = ("pyvmm.testing.kut_plugin",)
+
 
 def require_kvm() -> bool:
     """True when $PYVMM_REQUIRE_KVM asks for KVM tests to fail rather than skip."""
