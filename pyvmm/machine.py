@@ -54,14 +54,13 @@ class Machine:
             raise ValueError(f"vcpus must be >= 0, not {count}")
         # Everything close() looks at exists before anything can fail.
         self._own_kvm = kvm is None
-        self.kvm: Kvm | None = None
         self._vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.doorbells: list[Doorbell] = []
         self.interrupts: list[Interrupt] = []
         self._worker: DoorbellWorker | None = None
         self._control = RunControl()
-        self.kvm = kvm if kvm is not None else Kvm()
+        self.kvm: Kvm = kvm if kvm is not None else Kvm()
         try:
             limit = self.kvm.max_vcpus
             if count > limit:
@@ -323,7 +322,7 @@ class Machine:
         only that vCPU; the first failure (in time) stops the others and is the run's
         outcome. Every thread is joined before this returns."""
         outcomes: dict[int, Outcome] = {}
-        counts = {v.id: Counter() for v in selected}
+        counts: dict[int, Counter] = {v.id: Counter() for v in selected}
         first: list[Outcome] = []
 
         def body(vcpu: Vcpu) -> None:
@@ -395,7 +394,7 @@ class Machine:
             step(irq.close)
         if self._vm is not None:
             step(self._vm.close)
-        if self._own_kvm and self.kvm is not None:
+        if self._own_kvm:
             step(self.kvm.close)
         if errors:
             raise errors[0]

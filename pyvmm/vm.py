@@ -35,6 +35,7 @@ from .vm_requests import (
 
 if TYPE_CHECKING:
     from .kvm import VmConfig
+    from .stats import StatsReader
 
 __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 
@@ -61,7 +62,7 @@ class Vm:
         self._hypercall_exits = 0      # KVM_CAP_EXIT_HYPERCALL mask enabled so far
         self._disabled_quirks = 0      # KVM_CAP_DISABLE_QUIRKS2 mask disabled so far
         self._close_hooks: list[Callable[[Vm], object]] = []
-        self._stats = None
+        self._stats: StatsReader | None = None
         self.close_hook_errors: list[BaseException] = []
 
     # -- basics --------------------------------------------------------------------------
