@@ -17,6 +17,7 @@ from ._ffi import ffi, libc
 from .errors import ClosedError, KvmError, foreign_process
 from .exits import Exit, ExitReason, IntrExit, decode
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
+from .kick import thread_state as _tls
 from .vcpu_state import VcpuStateMixin
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class Vcpu(VcpuStateMixin):
         # when there is one.
         if timeout is not None:
             timeout = check_timeout(timeout)
-        sigmask = thread_token()
+        sigmask = getattr(_tls, "token", None) or thread_token()
         token = self._claim(timeout)
         try:
             if self._sigmask_owner is not sigmask:
