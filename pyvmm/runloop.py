@@ -263,6 +263,23 @@ def _stop(value: Any) -> Any:
     return Stop(value) if isinstance(value, str) and value in STOPS else value
 
 
+class _BudgetSpent(Exception):
+    """max_exits exits have been run."""
+
+
+def _budget(run: Callable[[], Exit], max_exits: int) -> Callable[[], Exit]:
+    # Only a run with max_exits counts its exits: the loop itself stays as lean as it is.
+    left = max_exits
+
+    def counted() -> Exit:
+        nonlocal left
+        if left <= 0:
+            raise _BudgetSpent
+        left -= 1
+        return run()
+    return counted
+
+
 def _through_handlers(cls: type, handlers: Mapping[type, Handler], default: Handler | None,
                       vcpu: Any) -> Callable[[Exit], Any]:
     # Port I/O or MMIO with no bus: served like any other exit.
@@ -295,19 +312,15 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
     handlers = handlers if handlers is not None else {}
     io = io if io is not None else _through_handlers(IoExit, handlers, default, vcpu)
     mmio = mmio if mmio is not None else _through_handlers(MmioExit, handlers, default, vcpu)
-    run = vcpu.run
+    run = vcpu.run if max_exits is None else _budget(vcpu.run, max_exits)
     # The two hot exits are counted in locals and folded into `counts` when the loop ends
     # (their keys are still created at their first occurrence, in exit order).
     n_io = n_mmio = 0
-    budget = -1 if max_exits is None else max_exits   # -1: never reaches 0
     ex: Any = None   # the last exit (Any: the loop narrows it by `type(ex) is`)
     try:
         while True:
             if control.reason is not None:
                 return Outcome(control.reason, control.status, None, ex)
-            if budget == 0:
-                return Outcome(Stop.MAX_EXITS, None, None, ex)
-            budget -= 1
             ex = run()
             cls = type(ex)
             if cls is IoExit:
@@ -346,6 +359,8 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
             stop = handler(ex, vcpu)
             if stop is not None:
                 return Outcome(_stop(stop), None, ex, ex)
+    except _BudgetSpent:
+        return Outcome(Stop.MAX_EXITS, None, None, ex)
     except BaseException as err:  # a device model bug ends this run, not the host process
         return Outcome(Stop.ERROR, None, None, ex, err)
     finally:
