@@ -19,6 +19,7 @@ from .kvm import Kvm
 from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
+from .smp import run_threads
 from .vcpu import Vcpu
 from .vm import Vm
 from .vcpu_state import MpState
@@ -318,55 +319,13 @@ class Machine:
 
     def _run_threads(self, selected: list[Vcpu], control: RunControl,
                      result: RunResult) -> Outcome:
-        """One thread per vCPU, each in its own exit loop on its own fd. A vCPU's DONE ends
-        only that vCPU; the first failure (in time) stops the others and is the run's
-        outcome. Every thread is joined before this returns."""
-        outcomes: dict[int, Outcome] = {}
         counts: dict[int, Counter] = {v.id: Counter() for v in selected}
-        first: list[Outcome] = []
-
-        def body(vcpu: Vcpu) -> None:
-            outcome = Outcome(Stop.ERROR, vcpu=vcpu.id)
-            try:
-                outcome = self._run_one(vcpu, control, result, counts[vcpu.id])
-            finally:
-                outcomes[vcpu.id] = outcome
-                if outcome.stop not in (Stop.DONE, Stop.TIMEOUT, Stop.STOPPED, Stop.CLOSED):
-                    # The first to set the reason failed first; the others ended because of it.
-                    if control.stop(outcome.stop, status=outcome.status):
-                        first.append(outcome)
-
-        threads = [threading.Thread(target=body, args=(v,), name=f"pyvmm-vcpu{v.id}")
-                   for v in selected]
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        except BaseException:
-            # Interrupted (KeyboardInterrupt): end every vCPU thread before going on.
-            control.stop(Stop.STOPPED)
-            for t in threads:
-                if t.ident is not None:
-                    t.join()
-            raise
+            return run_threads(selected, control,
+                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id]))
         finally:
             for c in counts.values():
                 result.exits.update(c)
-        return self._merge(first[0] if first else None, outcomes)
-
-    @staticmethod
-    def _merge(first: Outcome | None, outcomes: dict[int, Outcome]) -> Outcome:
-        # The run's outcome is the first failure in time when there was one, else the first
-        # non-"done" outcome by vCPU id, else done (with the first non-zero status, if a vCPU
-        # finished with one).
-        if first is not None:
-            return first
-        ordered = [outcomes[i] for i in sorted(outcomes)]
-        for outcome in ordered:
-            if outcome.stop != Stop.DONE:
-                return outcome
-        return next((o for o in ordered if o.status), ordered[0])
 
     # -- lifetime ------------------------------------------------------------------------
 
