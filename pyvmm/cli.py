@@ -135,12 +135,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main(args.rings)
 
 
-def cmd_nested(args: argparse.Namespace) -> int:
-    from .testing import nested
-
-    return nested.main(args.rest)
-
-
 def cmd_boot(args: argparse.Namespace) -> int:
     from .boot import main as boot_main
 
@@ -233,10 +227,6 @@ def _main(argv: list[str], debug: bool) -> int:
     p.add_argument("--rings", type=int, default=20000)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_nested)
-
     p = sub.add_parser("boot", help="boot a Linux kernel with virtio devices written in Python")
     from .boot import add_arguments as boot_arguments
 
@@ -258,6 +248,8 @@ def _main(argv: list[str], debug: bool) -> int:
 
         return bench_main(argv[1:])
     sub.add_parser("bench", help="pyperf benchmarks against a C reference (see `pyvmm bench -h`)")
+    # Listed for --help only: both parse their own options above.
+    sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
 
     args = parser.parse_args(argv)
     return int(args.func(args))

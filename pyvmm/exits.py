@@ -11,54 +11,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any
 
-from ._ffi import constants, ffi
-
-ExitReason = IntEnum("ExitReason", constants("KVM_EXIT_"), module=__name__)
-ExitReason.__doc__ = "KVM_EXIT_* numbers (kvm_run.exit_reason)."
+from ._ffi import ffi
+from .exit_answered import HypercallExit, MsrExit
+from .exit_base import Exit, ExitReason
 
 _R = ExitReason
-
-
-class Exit:
-    """Base of every exit. `exit_reason` is the KVM_EXIT_* number; `reason`, where an exit has
-    it, is that exit's own field (FailEntryExit, MsrExit, UnknownExit)."""
-
-    __slots__ = ()
-    exit_reason: int = -1
-
-    def _fields(self) -> dict[str, Any]:
-        out = {}
-        for cls in type(self).__mro__:
-            for name in getattr(cls, "__slots__", ()):
-                if not name.startswith("_"):
-                    value = getattr(self, name)
-                    if isinstance(value, memoryview):
-                        value = bytes(value)
-                    out[name] = value
-        return out
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self._fields().items())
-        return f"{type(self).__name__}({args})"
-
-    def detached(self) -> Exit:
-        """This exit with no reference into the vCPU's kvm_run page (data copied), to keep
-        after the next run() or after the vCPU is closed."""
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
-        return hex(value)
-    return repr(value)
 
 
 class IoExit(Exit):
@@ -121,79 +80,6 @@ class IntrExit(Exit):
 
     def __init__(self, timed_out: bool = False):
         self.timed_out = timed_out
-
-
-class _RunBacked(Exit):
-    """An exit with fields the host answers through kvm_run. `_keep`, an empty view of the
-    vCPU's page, keeps the mapping alive for as long as the exit exists (the vCPU's close()
-    then leaves the page to the last such view), so `_run` never points at unmapped memory."""
-
-    __slots__ = ("_run", "_keep")
-
-    def detached(self) -> Exit:
-        copy = object.__new__(type(self))
-        for cls in type(self).__mro__:
-            for name in getattr(cls, "__slots__", ()):
-                if hasattr(self, name):
-                    object.__setattr__(copy, name, getattr(self, name))
-        private = ffi.new("struct kvm_run *")          # its own copy of the exit's fields
-        ffi.memmove(private, self._run, ffi.sizeof("struct kvm_run"))
-        copy._run, copy._keep = private, None
-        return copy
-
-
-class HypercallExit(_RunBacked):
-    """A hypercall KVM forwards to userspace (KVM_CAP_EXIT_HYPERCALL). Set `ret`; the guest
-    gets it in RAX on the next run()."""
-
-    __slots__ = ("args", "longmode", "nr")
-    exit_reason = _R.HYPERCALL
-
-    def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int, keep=None):
-        self._run, self.nr, self.args, self.longmode, self._keep = run, nr, args, longmode, keep
-
-    @property
-    def ret(self) -> int:
-        return int(self._run.hypercall.ret)
-
-    @ret.setter
-    def ret(self, value: int) -> None:
-        self._run.hypercall.ret = value & 0xFFFFFFFFFFFFFFFF
-
-
-class MsrExit(_RunBacked):
-    """RDMSR/WRMSR forwarded to userspace (KVM_CAP_X86_USER_SPACE_MSR). For a read set
-    `data`; set `error = 1` to inject #GP instead."""
-
-    __slots__ = ("index", "is_write", "reason")
-
-    def __init__(self, run, index: int, is_write: bool, reason: int, keep=None):
-        self._run, self.index, self.is_write, self.reason = run, index, is_write, reason
-        self._keep = keep
-
-    @property
-    def exit_reason(self) -> int:  # type: ignore[override]
-        return _R.X86_WRMSR if self.is_write else _R.X86_RDMSR
-
-    @property
-    def data(self) -> int:
-        return int(self._run.msr.data)
-
-    @data.setter
-    def data(self, value: int) -> None:
-        self._run.msr.data = value & 0xFFFFFFFFFFFFFFFF
-
-    @property
-    def error(self) -> int:
-        return int(self._run.msr.error)
-
-    @error.setter
-    def error(self, value: int) -> None:
-        self._run.msr.error = 1 if value else 0
-
-    def _fields(self) -> dict[str, Any]:
-        return {"index": self.index, "is_write": self.is_write, "data": self.data,
-                "reason": self.reason, "error": self.error}
 
 
 class SystemEventExit(Exit):
