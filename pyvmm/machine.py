@@ -384,3 +384,11 @@ class Machine:
             if not vcpu.cpuid_set:
                 vcpu.set_supported_cpuid()
         return info
+
+    def load_linux(self, kernel, *, initrd=None, cmdline: str = ""):
+        """Load a Linux kernel (a path or its bytes: an ELF vmlinux through its PVH entry, a
+        bzImage through its 64-bit entry), its `initrd` and `cmdline` into this machine's RAM
+        at 0 and set vCPU 0 at its entry; see `pyvmm.loaders.linux.load_linux`."""
+        from .loaders.linux import load_linux
+
+        return load_linux(self, kernel, initrd=initrd, cmdline=cmdline)

@@ -182,3 +182,17 @@ def test_load_linux_picks_the_format(kvm, tmp_path):
         assert m.vcpus[0].get_regs().rsi == bzimage.ZERO_PAGE
     with Machine(kvm=kvm, serial=False) as m, pytest.raises(ValueError, match="no RAM"):
         load_linux(m, elf)
+
+
+def test_machine_load_linux(kvm, tmp_path):
+    elf = tmp_path / "vmlinux"
+    elf.write_bytes(pvh_elf(PVH_CODE))
+    with Machine(kvm=kvm, memory_size=RAM, serial=False) as m:
+        assert isinstance(m.load_linux(elf, initrd=b"i" * 10, cmdline="console=hvc0"),
+                          pvh.Vmlinux)
+        values = run(m)
+    assert values[:4] == [pvh.START_MAGIC, int.from_bytes(b"cons", "little"), 1, 10]
+    with Machine(kvm=kvm, memory_size=RAM, serial=False) as m:
+        hdr = m.load_linux(tiny_bzimage(BZ_CODE), cmdline="root=/dev/vda")
+        assert isinstance(hdr, bzimage.SetupHeader)
+        assert run(m)[0] == int.from_bytes(b"root", "little")
