@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
+from .detached import detached_error
 from .errors import ClosedError
 from .exits import Exit
 from .ioevent import IoEventAddress
@@ -295,7 +296,7 @@ class Machine:
             bell.flush()  # every ring signalled so far counted and its callback run
         finish(result, outcome, control, started, self._console)
         if self._worker is not None and self._worker.errors and result.error is None:
-            result.error = self._worker.errors[0][1]
+            result.error = detached_error(self._worker.errors[0][1])
         if result.error is not None and not isinstance(result.error, Exception):
             result.error.add_note(f"pyvmm: raised on vCPU {result.vcpu} in Machine.run(); "
                                   "every vCPU was stopped and joined first")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .detached import detached_error
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
 from . import ucall
 from .kick import check_timeout, watchdog
@@ -376,8 +377,11 @@ def finish(result: RunResult, outcome: Outcome, control: RunControl, started: fl
     live ones view the vCPU's kvm_run page, and a result that outlives the vCPU must not keep
     that mapping (and the kernel's VM) alive."""
     event, last = outcome.event, outcome.last_exit
-    result.stop, result.status, result.error, result.vcpu = (outcome.stop, outcome.status,
-                                                            outcome.error, outcome.vcpu)
+    result.stop, result.status, result.vcpu = outcome.stop, outcome.status, outcome.vcpu
+    # A kept traceback would keep the vCPU (and its VM and RAM) alive as long as the result;
+    # a KeyboardInterrupt/SystemExit is raised again by the caller, traceback and all.
+    err = outcome.error
+    result.error = detached_error(err) if isinstance(err, Exception) else err
     result.event = event.detached() if isinstance(event, Exit) else event
     result.last_exit = last.detached() if last is not None else None
     ended = time.monotonic()

@@ -4,8 +4,12 @@ bus seeing what a doorbell does not match, removal and moving while the guest ri
 from __future__ import annotations
 
 import errno
+import gc
 import itertools
+import os
 import threading
+import time
+import weakref
 
 import pytest
 
@@ -224,3 +228,31 @@ def test_registration_errors_are_clear(kvm):
         assert info.value.errno == errno.ENOENT
         # A failed registration leaves no doorbell and no eventfd behind.
         assert len(m.doorbells) == 1
+
+
+def test_a_callback_error_in_the_result_does_not_keep_the_machine_alive(kvm):
+    def kvm_fds() -> set[str]:
+        return {fd for fd in os.listdir("/proc/self/fd")
+                if "kvm-" in os.path.realpath(f"/proc/self/fd/{fd}")}
+
+    def broken(bell, n):
+        raise RuntimeError("device bug")
+
+    gc.collect()
+    before, threads = kvm_fds(), threading.active_count()
+    m = Machine(kvm=kvm, serial=False)
+    m.doorbell(address("pio"), length=1, callback=broken)
+    m.load("doorbell", regs=ring_regs("pio", 1, 3))
+    result = m.run(timeout=30)
+    vm = weakref.ref(m.vm)
+    del m
+    gc.collect()
+    assert vm() is None or vm().closed
+    assert kvm_fds() <= before
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= threads   # the doorbell worker is gone
+    assert isinstance(result.error, RuntimeError) and str(result.error) == "device bug"
+    assert result.error.__traceback__ is None
+    assert any("broken" in note for note in result.error.__notes__)  # where it was raised

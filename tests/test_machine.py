@@ -6,6 +6,7 @@ import gc
 import os
 import threading
 import time
+import weakref
 
 import psutil
 from helpers import spin_payload
@@ -144,3 +145,24 @@ def test_result_does_not_keep_the_vm_alive(kvm):
     assert result.ok and result.last_exit.port == 0xEB
     assert bytes(result.last_exit.data) == bytes(4)     # detached, still readable
     assert kvm_fds() <= before
+
+
+def test_a_device_error_in_the_result_does_not_keep_the_machine_alive(kvm):
+    class Broken:
+        def read(self, offset, size):
+            raise ZeroDivisionError("model bug")
+
+        def write(self, offset, data):
+            raise ZeroDivisionError("model bug")
+
+    m = Machine(kvm=kvm, serial=False)
+    payload = m.load("pio")
+    m.pio.register(payload.symbol("PIO_PORT"), 4, Broken())
+    result = m.run(timeout=10)
+    vm = weakref.ref(m.vm)
+    del m
+    gc.collect()
+    assert vm() is None or vm().closed    # the traceback held run_vcpu's frame, and its vCPU
+    assert result.stop == "error" and isinstance(result.error, ZeroDivisionError)
+    assert result.error.__traceback__ is None
+    assert any("model bug" in note for note in result.error.__notes__)
