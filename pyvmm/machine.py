@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
-from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
+from .devices.interrupt import MSI_ADDRESS, GsiRouting
 from .detached import detached_error
 from .errors import ClosedError
 from .exits import Exit
@@ -70,13 +70,14 @@ class Machine:
                                  "vCPUs per VM (KVM_CAP_MAX_VCPUS)")
             self._vm = self.kvm.create_vm()
             self.irqchip = irqchip
+            self._routing: GsiRouting | None = None  # the GSIs irqfds may use
             if irqchip:
                 self.vm.create_irqchip()
+                self._routing = GsiRouting(self.vm)
             self.vcpus = [self.vm.create_vcpu() for _ in range(count)]
             self.pio = PioBus()
             self.mmio = MmioBus()
             self.exit_handlers: dict[type, ExitHandler] = {}
-            self._msi_routes: dict[int, tuple[int, int]] = {}
             #: Reports a run keeps (RunResult.dropped_reports counts the rest).
             self.max_reports = MAX_REPORTS
             self._console = ConsoleBuffer(MAX_CONSOLE)
@@ -224,29 +225,23 @@ class Machine:
     def msi_interrupt(self, vector: int, *, address: int = MSI_ADDRESS) -> Interrupt:
         """An irqfd whose GSI is routed to an MSI (`vector`, to local APIC 0 by default):
         the interrupt reaches the LAPIC directly, with no IOAPIC programming in the guest.
-        Needs Machine(irqchip=True)."""
-        if not self.irqchip:
-            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
-                             "Machine(irqchip=True)")
-        data = msi_data(vector)
-        with self._lock:
-            gsi = IOAPIC_PINS + len(self._msi_routes)
-            routes = {**self._msi_routes, gsi: (address, data)}
-            self.vm.set_gsi_routing(default_routes() + [("msi", g, a, d) for g, (a, d)
-                                                        in sorted(routes.items())])
-            self._msi_routes = routes
-        irq = Interrupt(self.vm, gsi)
+        Needs Machine(irqchip=True); see `pyvmm.devices.interrupt.GsiRouting`."""
+        irq = self._gsi_routing().msi_interrupt(vector, address=address)
         self.interrupts.append(irq)
         return irq
 
     def interrupt(self, gsi: int) -> Interrupt:
-        """An irqfd on `gsi` (needs Machine(irqchip=True))."""
-        if not self.irqchip:
-            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
-                             "Machine(irqchip=True)")
-        irq = Interrupt(self.vm, gsi)
+        """An irqfd on `gsi` (needs Machine(irqchip=True)): an IOAPIC pin (0-23) or a GSI
+        msi_interrupt() routed; any other is a ValueError, as it could never reach the guest."""
+        irq = self._gsi_routing().interrupt(gsi)
         self.interrupts.append(irq)
         return irq
+
+    def _gsi_routing(self) -> GsiRouting:
+        if self._routing is None:
+            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
+                             "Machine(irqchip=True)")
+        return self._routing
 
     # -- running -------------------------------------------------------------------------
 

@@ -246,3 +246,14 @@ def test_a_dropped_machine_whose_callback_failed_is_still_released(kvm, caplog):
     assert settle(lambda: vm_ref() is None)
     assert settle(lambda: threading.active_count() == threads), threading.enumerate()
     assert open_fds() == fds
+
+
+def test_machine_interrupts_go_through_its_gsi_routing(kvm):
+    with Machine(kvm=kvm, irqchip=True, serial=False) as m:
+        assert m.interrupt(23).gsi == 23
+        with pytest.raises(ValueError, match="no route"):
+            m.interrupt(24)                          # no MSI route yet
+        assert m.msi_interrupt(0x40).gsi == 24
+        assert m.interrupt(24).gsi == 24             # routed now
+        with pytest.raises(ValueError, match="no route"):
+            m.interrupt(25)
