@@ -30,6 +30,9 @@ STOPS = _STOPS
 
 #: The stack each vCPU gets below the previous one's in a host-set SMP start.
 AP_STACK_SIZE = 0x1000
+#: How long run() waits at its end for doorbell callbacks still running: one that never
+#: returns must not hold run() forever.
+FLUSH_TIMEOUT = 5.0
 
 
 ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
@@ -80,6 +83,8 @@ class Machine:
             self.exit_handlers: dict[type, ExitHandler] = {}
             #: Reports a run keeps (RunResult.dropped_reports counts the rest).
             self.max_reports = MAX_REPORTS
+            #: Seconds run() waits for doorbell callbacks at its end (RunResult.callbacks_pending).
+            self.flush_timeout = FLUSH_TIMEOUT
             self._console = ConsoleBuffer(MAX_CONSOLE)
             self.serial = None
             if serial:
@@ -287,8 +292,8 @@ class Machine:
             with self._lock:
                 self._running = False
                 self._control = RunControl(self.vcpus)  # a stop() from now on: the next run
-        for bell in self.doorbells:
-            bell.flush()  # every ring signalled so far counted and its callback run
+        if self._worker is not None:  # every ring signalled so far served, within a bound
+            result.callbacks_pending = not self._worker.flush(timeout=self.flush_timeout)
         finish(result, outcome, control, started, self._console)
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = detached_error(self._worker.errors[0][1])

@@ -101,7 +101,8 @@ class RunResult:
     """What a run saw. `stop` is a `Stop`; `status` the guest's DONE value (or a FAIL code,
     or what `stop(..., status=)` gave). `reports`/`events`/`console` keep at most their limits;
     `dropped_*` count what went past them. `overrun` is how many seconds the run ended after
-    its deadline (a device call that blocked: Python cannot cut it short)."""
+    its deadline (a device call that blocked: Python cannot cut it short); `callbacks_pending`
+    says a doorbell callback was still running when run() stopped waiting for it."""
 
     stop: str = Stop.STOPPED
     status: int | None = None
@@ -120,6 +121,7 @@ class RunResult:
     dropped_events: int = 0
     dropped_console: int = 0
     overrun: float = 0.0
+    callbacks_pending: bool = False
 
     @property
     def ok(self) -> bool:
@@ -142,6 +144,8 @@ class RunResult:
             return "triple fault (an exception with no usable handler)"
         if self.stop == Stop.UNHANDLED:
             return repr(self.event if self.event is not None else self.last_exit)
+        if self.callbacks_pending:
+            return "a doorbell callback was still running when the run ended"
         if self.overrun > 0.05:
             return f"ended {self.overrun:.3f} s after its deadline (a device call blocked)"
         return ""

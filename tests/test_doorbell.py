@@ -256,3 +256,23 @@ def test_a_callback_error_in_the_result_does_not_keep_the_machine_alive(kvm):
     assert isinstance(result.error, RuntimeError) and str(result.error) == "device bug"
     assert result.error.__traceback__ is None
     assert any("broken" in note for note in result.error.__notes__)  # where it was raised
+
+
+def test_a_callback_that_never_returns_does_not_hold_run_forever(kvm):
+    release = threading.Event()
+    with Machine(kvm=kvm, serial=False) as m:
+        m.doorbell(address("pio"), length=1, callback=lambda bell, n: release.wait(60))
+        m.flush_timeout = 0.3
+        m.load("doorbell", regs=ring_regs("pio", 1, 1))
+        results = []
+        runner = threading.Thread(target=lambda: results.append(m.run(timeout=30)))
+        runner.start()
+        try:
+            runner.join(20)
+            assert not runner.is_alive(), "run() still waits for the stuck callback"
+        finally:
+            release.set()
+            runner.join()
+        assert results[0].stop == "done" and results[0].callbacks_pending
+        assert "callback was still running" in results[0].detail
+        assert not m.run(timeout=30).callbacks_pending   # released: the next run flushes
