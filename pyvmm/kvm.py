@@ -156,7 +156,7 @@ class Kvm:
         fd = self.ioctl(io.KVM_CREATE_VM, vm_type)
         try:
             return Vm(fd, VmConfig(mmap_size, max_id, self.supported_cpuid_buffer,
-                                   lambda: self.cpu_vendor), kvm=self)
+                                   lambda: self.cpu_vendor))
         except BaseException:
             os.close(fd)
             raise

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi
@@ -46,10 +46,8 @@ log = logging.getLogger("pyvmm")
 class Vm(VmCapsMixin):
     role = "vm"
 
-    def __init__(self, fd: int, config: VmConfig, *, kvm: Any = None) -> None:
-        #: The Kvm handle this VM was made from, for the application; pyvmm's handles never
-        #: call back through it (what the VM needs from it is in `config`).
-        self.kvm = kvm
+    def __init__(self, fd: int, config: VmConfig) -> None:
+        # No path back to the Kvm handle: what the VM needs from it is in `config`.
         self.config = config
         self._fd = fd
         self._pid = os.getpid()  # KVM fds work only in the process that created the VM

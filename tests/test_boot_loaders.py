@@ -196,3 +196,23 @@ def test_machine_load_linux(kvm, tmp_path):
         hdr = m.load_linux(tiny_bzimage(BZ_CODE), cmdline="root=/dev/vda")
         assert isinstance(hdr, bzimage.SetupHeader)
         assert run(m)[0] == int.from_bytes(b"root", "little")
+
+
+def test_loaders_take_the_cpuid_they_use_and_no_path_back_up(kvm):
+    from pyvmm.loaders.linuxboot import CPUID_HYPERVISOR
+
+    calls = []
+
+    def cpuid():
+        calls.append(1)
+        return kvm.supported_cpuid()
+
+    with Machine(kvm=kvm, vcpus=2, memory_size=RAM, serial=False) as m:
+        assert not hasattr(m.vm, "kvm")    # a VM never reaches back to its Kvm handle
+        bzimage.load(m.vm, m.vcpus, tiny_bzimage(BZ_CODE), ram_size=RAM, cpuid=cpuid)
+        assert calls == [1, 1]             # once per vCPU, from the provider given
+        assert all(e.ecx & CPUID_HYPERVISOR for e in m.vcpus[1].get_cpuid() if e.function == 1)
+    with Machine(kvm=kvm, memory_size=RAM, serial=False) as m:
+        pvh.load(m.vm, m.vcpus, pvh_elf(PVH_CODE), ram_size=RAM)   # the vCPU's own table
+        assert all(e.ecx & CPUID_HYPERVISOR for e in m.vcpus[0].get_cpuid() if e.function == 1)
+        assert run(m)[0] == pvh.START_MAGIC

@@ -208,7 +208,7 @@ class PvDma:
         from .hypercall import native_instruction
 
         return {"r14": self.port,
-                "r12": int(native_instruction(self.vm.kvm) == "vmmcall")}
+                "r12": int(native_instruction(self.vm) == "vmmcall")}
 
     # -- the protocol --------------------------------------------------------------------
 

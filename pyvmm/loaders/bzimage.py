@@ -20,9 +20,11 @@ e820_table 0x2d0 (128 entries of {addr u64, size u64, type u32}).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..guests import layout
+from ..cpuid import CpuidEntry
 from . import linuxboot as lb
 
 ZERO_PAGE = 0x7000
@@ -120,9 +122,11 @@ def gdt() -> bytes:
 
 
 def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
-         initrd: bytes | None = None, rsdp: int = 0) -> SetupHeader:
+         initrd: bytes | None = None, rsdp: int = 0,
+         cpuid: Callable[[], list[CpuidEntry]] | None = None) -> SetupHeader:
     """Load the bzImage `image` into `vm`'s memory (RAM from 0, `ram_size` bytes) and set the
-    boot vCPU at its 64-bit entry; every vCPU gets the supported CPUID (hypervisor bit set)."""
+    boot vCPU at its 64-bit entry; every vCPU gets `cpuid()` (by default its supported
+    CPUID) with the hypervisor bit set."""
     hdr = parse(image)
     memory = vm.memory
     cmd = cmdline.encode() + b"\0"
@@ -146,7 +150,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
     memory.write(layout.PML4, pml4)
     memory.write(layout.PDPT, pdpt)
     memory.write(layout.PD, pds)
-    lb.set_guest_cpuid(vm.kvm, vcpus)
+    lb.set_guest_cpuid(vcpus, cpuid)
     enter_long64(vcpus[0], at + 0x200, rsi=ZERO_PAGE)
     return hdr
 

@@ -5,7 +5,10 @@ GDT of their own, and segment and control-register setup of a vCPU for an entry 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from ..cpuid import CpuidEntry, cpuid_from_c
 
 E820_RAM = 1
 E820_RESERVED = 2
@@ -69,13 +72,14 @@ def set_segment(seg, *, selector: int, type: int, base: int = 0, limit: int = 0x
 CPUID_HYPERVISOR = 1 << 31
 
 
-def set_guest_cpuid(kvm, vcpus) -> None:
-    """Give every vCPU `kvm`'s supported CPUID with the hypervisor bit set (once: KVM refuses
-    a different table after a vCPU ran)."""
+def set_guest_cpuid(vcpus, cpuid: Callable[[], list[CpuidEntry]] | None = None) -> None:
+    """Give every vCPU the table `cpuid()` returns (e.g. `Kvm.supported_cpuid`; by default
+    the vCPU's own supported CPUID, which it got at creation) with the hypervisor bit set
+    (once: KVM refuses a different table after a vCPU ran)."""
     for vcpu in vcpus:
         if vcpu.cpuid_set:
             continue
-        entries = kvm.supported_cpuid()
+        entries = cpuid() if cpuid is not None else cpuid_from_c(vcpu.supported_cpuid_buffer())
         for e in entries:
             if e.function == 1:
                 e.ecx |= CPUID_HYPERVISOR

@@ -18,8 +18,10 @@ Layouts (little-endian), from Xen's public arch-x86/hvm/start_info.h:
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..cpuid import CpuidEntry
 from . import linuxboot as lb
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -115,9 +117,11 @@ def gdt() -> bytes:
 
 
 def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
-         initrd: bytes | None = None, rsdp: int = 0) -> Vmlinux:
+         initrd: bytes | None = None, rsdp: int = 0,
+         cpuid: Callable[[], list[CpuidEntry]] | None = None) -> Vmlinux:
     """Load `image` into `vm`'s memory (RAM from 0, `ram_size` bytes) and set the boot vCPU
-    (vcpus[0]) at the PVH entry; every vCPU gets the supported CPUID (hypervisor bit set).
+    (vcpus[0]) at the PVH entry; every vCPU gets `cpuid()` (by default its supported CPUID)
+    with the hypervisor bit set.
     `rsdp` is the ACPI RSDP address when the platform wrote ACPI tables (0: none)."""
     kernel = parse(image)
     memory = vm.memory
@@ -142,7 +146,7 @@ def load(vm, vcpus, image: bytes, *, ram_size: int, cmdline: str = "",
                                               MODLIST if modules else 0, CMDLINE, rsdp,
                                               MEMMAP, len(mmap), 0))
     memory.write(GDT_ADDR, gdt())
-    lb.set_guest_cpuid(vm.kvm, vcpus)
+    lb.set_guest_cpuid(vcpus, cpuid)
     enter_flat32(vcpus[0], kernel.entry, ebx=START_INFO)
     return kernel
 
