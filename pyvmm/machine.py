@@ -3,6 +3,7 @@ loop that runs a guest payload to its end."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import Counter
@@ -11,6 +12,7 @@ from collections.abc import Callable, Mapping
 from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import MSI_ADDRESS, GsiRouting
+from .devices.serial import COM1_IRQ
 from .detached import detached_error
 from .errors import ClosedError
 from .exits import Exit
@@ -87,8 +89,9 @@ class Machine:
             self.flush_timeout = FLUSH_TIMEOUT
             self._console = ConsoleBuffer(MAX_CONSOLE)
             self.serial = None
-            if serial:
-                self.serial = SerialConsole(sink=self._console.write)
+            if serial:  # its output is in the machine's console: no second copy (keep=0)
+                irq = functools.partial(self.vm.irq_line, COM1_IRQ) if irqchip else None
+                self.serial = SerialConsole(sink=self._console.write, keep=0, irq=irq)
                 self.pio.register(COM1, SerialConsole.length, self.serial)
             self.payload = None
             self._running = False
