@@ -11,54 +11,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any
 
-from ._ffi import constants, ffi
-
-ExitReason = IntEnum("ExitReason", constants("KVM_EXIT_"), module=__name__)
-ExitReason.__doc__ = "KVM_EXIT_* numbers (kvm_run.exit_reason)."
+from ._ffi import ffi
+from .exit_base import Exit, ExitReason
 
 _R = ExitReason
-
-
-class Exit:
-    """Base of every exit. `exit_reason` is the KVM_EXIT_* number; `reason`, where an exit has
-    it, is that exit's own field (FailEntryExit, MsrExit, UnknownExit)."""
-
-    __slots__ = ()
-    exit_reason: int = -1
-
-    def _fields(self) -> dict[str, Any]:
-        out = {}
-        for cls in type(self).__mro__:
-            for name in getattr(cls, "__slots__", ()):
-                if not name.startswith("_"):
-                    value = getattr(self, name)
-                    if isinstance(value, memoryview):
-                        value = bytes(value)
-                    out[name] = value
-        return out
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self._fields().items())
-        return f"{type(self).__name__}({args})"
-
-    def detached(self) -> Exit:
-        """This exit with no reference into the vCPU's kvm_run page (data copied), to keep
-        after the next run() or after the vCPU is closed."""
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
-        return hex(value)
-    return repr(value)
 
 
 class IoExit(Exit):
@@ -127,6 +85,9 @@ class _RunBacked(Exit):
     """An exit with fields the host answers through kvm_run. `_keep`, an empty view of the
     vCPU's page, keeps the mapping alive for as long as the exit exists (the vCPU's close()
     then leaves the page to the last such view), so `_run` never points at unmapped memory."""
+
+    _run: Any
+    _keep: Any
 
     __slots__ = ("_run", "_keep")
 

@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi, libc
@@ -17,6 +18,9 @@ from .errors import ClosedError, KvmError, foreign_process
 from .exits import Exit, ExitReason, IntrExit, decode
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .vcpu_state import VcpuStateMixin
+
+if TYPE_CHECKING:
+    from .stats import StatsReader
 
 __all__ = ["KICK_SIGNAL", "KVM_RUN_X86_SMM", "Vcpu", "watchdog"]
 
@@ -67,7 +71,7 @@ class Vcpu(VcpuStateMixin):
         self._timeout_fired = False
         self._kick_pending = False
         self._closing = False
-        self._stats = None
+        self._stats: StatsReader | None = None
         self.cpuid_set = False
 
     # -- basics --------------------------------------------------------------------------
@@ -302,7 +306,8 @@ class Vcpu(VcpuStateMixin):
                 self._map.close()
             except BufferError:
                 pass  # an exit's view is alive: the page goes with the last such view
-            self._page = self._map = None
+            # Typed as always there: nothing reads them once _fd < 0 (checked first).
+            self._page = self._map = None  # type: ignore[assignment]
             os.close(self._fd)
             self._fd = -1
         if self._on_close is not None:

@@ -4,7 +4,6 @@ MSR-filter requests are built in `pyvmm.vm_requests`)."""
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi
+from .args import as_index
 from .caps import Cap
 from .errors import ClosedError, KvmError, MissingCapability, foreign_process
 from .ioevent import IoEventAddress
@@ -35,6 +35,7 @@ from .vm_requests import (
 
 if TYPE_CHECKING:
     from .kvm import VmConfig
+    from .stats import StatsReader
 
 __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 
@@ -61,7 +62,7 @@ class Vm:
         self._hypercall_exits = 0      # KVM_CAP_EXIT_HYPERCALL mask enabled so far
         self._disabled_quirks = 0      # KVM_CAP_DISABLE_QUIRKS2 mask disabled so far
         self._close_hooks: list[Callable[[Vm], object]] = []
-        self._stats = None
+        self._stats: StatsReader | None = None
         self.close_hook_errors: list[BaseException] = []
 
     # -- basics --------------------------------------------------------------------------
@@ -236,13 +237,7 @@ class Vm:
         """KVM_CREATE_VCPU with `vcpu_id` (any integer operator.index accepts; not bool), or
         the lowest id never used in this VM."""
         if vcpu_id is not None:
-            if isinstance(vcpu_id, bool):
-                raise ValueError(f"vCPU id must be an integer, not {vcpu_id!r}")
-            try:
-                vcpu_id = operator.index(vcpu_id)
-            except TypeError:
-                raise ValueError(f"vCPU id must be an integer, not {type(vcpu_id).__name__} "
-                                 f"{vcpu_id!r}") from None
+            vcpu_id = as_index("vCPU id", vcpu_id)
         limit = self.config.max_vcpu_id
         with self._lock:
             if vcpu_id is None:
