@@ -1,0 +1,45 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The compiled exit helper `pyvmm._runext`, when this install has it.
+
+`run_exit(fd, page)` is KVM_RUN plus the decode of the hot exits' fixed fields in one C call
+(the packing is described in pyvmm/_build_runext.py, which setuptools compiles at install);
+`None` when the helper is absent (no C compiler at install, a source tree never installed, or
+PYVMM_NO_RUNEXT=1 in the environment), and `Vcpu.run()` then takes the pure-cffi path, which
+decodes every exit the same way, only slower. That case is said once, in one line on stderr
+(`NOTE`), never silently.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+__all__ = ["AVAILABLE", "FAST", "IO", "MMIO", "NOTE", "run_exit"]
+
+#: Bit 8 of run_exit's result: the packed fields are valid; with the low byte, the fast exits.
+FAST = 0x100
+IO = FAST | 2      # KVM_EXIT_IO
+MMIO = FAST | 6    # KVM_EXIT_MMIO
+
+run_exit: Callable[[int, object], int] | None
+NOTE = ""
+
+
+def _load() -> Callable[[int, object], int]:
+    if os.environ.get("PYVMM_NO_RUNEXT", "") not in ("", "0"):
+        raise ImportError("PYVMM_NO_RUNEXT is set")
+    from ._runext import lib  # type: ignore[import-not-found]
+
+    return lib.pyvmm_run
+
+
+try:
+    run_exit = _load()
+except ImportError as err:
+    run_exit = None
+    NOTE = (f"pyvmm: the compiled exit helper is not available ({err}); exits take the "
+            "slower pure-cffi path (install pyvmm with a C compiler present to build it)")
+    print(NOTE, file=sys.stderr)
+
+AVAILABLE = run_exit is not None
