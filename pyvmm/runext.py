@@ -15,12 +15,13 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["AVAILABLE", "FAST", "IO", "MMIO", "NOTE", "run_exit"]
+__all__ = ["AVAILABLE", "IO", "MMIO", "NOTE", "PIO_DATA_OFFSET", "run_exit"]
 
-#: Bit 8 of run_exit's result: the packed fields are valid; with the low byte, the fast exits.
-FAST = 0x100
-IO = FAST | 2      # KVM_EXIT_IO
-MMIO = FAST | 6    # KVM_EXIT_MMIO
+#: run_exit's result & 7: a single PIO access, an MMIO access (0: decode the page).
+IO = 1
+MMIO = 2
+#: Where a single PIO access's data is in the page (what IO promises).
+PIO_DATA_OFFSET = 4096
 
 run_exit: Callable[[int, object], int] | None
 NOTE = ""

@@ -19,6 +19,7 @@ from .exits import MMIO_DATA_OFFSET as _MMIO_DATA
 from .exits import Exit, ExitReason, IntrExit, IoExit, MmioExit, decode
 from .runext import IO as _FAST_IO
 from .runext import MMIO as _FAST_MMIO
+from .runext import PIO_DATA_OFFSET as _PIO_DATA
 from .runext import run_exit as _run_exit
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .vcpu_state import VcpuStateMixin
@@ -208,14 +209,14 @@ class Vcpu(VcpuStateMixin):
             while True:
                 r = _run_exit(fd, ptr)
                 if r >= 0:
-                    kind = r & 0x1FF
+                    kind = r & 7
                     if kind == _FAST_IO:
-                        size, count, offset = r >> 9 & 15, r >> 32 & 0x1FFF, r >> 45
-                        return IoExit(r >> 16 & 0xFFFF, size, count, r & 0x2000 != 0,
-                                      page[offset: offset + size * count])
+                        size = r >> 4 & 15
+                        return IoExit(r >> 8, size, 1, r & 8 != 0,
+                                      page[_PIO_DATA: _PIO_DATA + size])
                     if kind == _FAST_MMIO:
-                        length = r >> 9 & 15
-                        return MmioExit(r >> 16, length, r & 0x2000 != 0,
+                        length = r >> 4 & 15
+                        return MmioExit(r >> 8, length, r & 8 != 0,
                                         page[_MMIO_DATA: _MMIO_DATA + length])
                     return decode(self._run, page)
                 ex = self._failed(-r)

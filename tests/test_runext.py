@@ -38,6 +38,7 @@ def test_the_helpers_layout_is_the_kernel_headers():
             for f in ("phys_addr", "data", "len", "is_write")]
     assert mmio == [0, 8, 16, 20]
     assert exits.MMIO_DATA_OFFSET == union + 8
+    assert "PIO_DATA_OFFSET 4096u" in src and runext.PIO_DATA_OFFSET == 4096
 
 
 class Answering:
