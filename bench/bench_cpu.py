@@ -246,7 +246,17 @@ def _arg(name: str, default: int) -> int:
 
 def paired_main(target: Path | None) -> None:
     """`--paired JSON` (what `pyvmm bench` runs) or `--table`: the interleaved measurement."""
-    combos = [(m, p) for m in MODES for p in PATHS]
+    import fnmatch
+
+    globs = [g for g in (sys.argv[sys.argv.index("--cases") + 1].split(",")
+                         if "--cases" in sys.argv else []) if g]
+    combos = [(m, p) for m in MODES for p in PATHS
+              if not globs or any(fnmatch.fnmatch(f"cpu.{p}.{m}.{side}", g)
+                                  for g in globs for side in SIDES)]
+    if not combos:   # `pyvmm bench --cases` selected none of these rows
+        if target is not None:
+            target.unlink(missing_ok=True)
+        return
     data = interleaved(_arg("--rounds", 5), _arg("--exits", 20000), combos)
     print(f"load average {os.getloadavg()[0]:.1f}; medians of interleaved rounds; user-C is "
           "pyvmm's user CPU per exit minus C's\n(at CPL3 the guest runs natively and its own "
