@@ -135,6 +135,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main(args.rings)
 
 
+def cmd_boot(args: argparse.Namespace) -> int:
+    from .boot import main as boot_main
+
+    return boot_main(args)
+
+
 def cmd_kut(args: argparse.Namespace) -> int:
     from .kut.command import main as kut_main
 
@@ -220,6 +226,12 @@ def _main(argv: list[str], debug: bool) -> int:
     p = sub.add_parser("demo", help="the doorbell harness: userspace exits vs ioeventfd")
     p.add_argument("--rings", type=int, default=20000)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("boot", help="boot a Linux kernel with virtio devices written in Python")
+    from .boot import add_arguments as boot_arguments
+
+    boot_arguments(p)
+    p.set_defaults(func=cmd_boot)
 
     p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")
     from .kut.command import add_arguments as kut_arguments

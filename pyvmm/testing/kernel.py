@@ -33,6 +33,8 @@ from pathlib import Path
 # The modules the guest loads, by name; their dependencies are added automatically.
 KVM_MODULES = ("irqbypass", "kvm", "ccp", "kvm_amd")
 SHARE_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+# The virtio-mmio drivers a `pyvmm boot` guest loads (pyvmm.boot); kept in the same cache.
+BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
 
 HOST_PACKAGES = {
     # package: the file that shows it is installed
@@ -42,7 +44,7 @@ HOST_PACKAGES = {
 QBOOT = "/usr/share/qemu/qboot.rom"
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-(\d+)-amd64$")
 
-CACHE_LAYOUT_VERSION = "1"
+CACHE_LAYOUT_VERSION = "2"  # 2: the boot modules too
 
 
 class NestedSetupError(RuntimeError):
@@ -181,13 +183,21 @@ class Kernel:
         meta = json.loads((self.root / "modules.json").read_text())
         return [self.root / "modules" / f"{name}.ko" for name in meta["order"]]
 
+    @property
+    def boot_modules(self) -> list[Path]:
+        """The virtio-mmio guest drivers of `pyvmm boot`, dependencies first."""
+        meta = json.loads((self.root / "modules.json").read_text())
+        return [self.root / "modules" / f"{name}.ko" for name in meta.get("boot_order", [])]
+
 
 def _cached_kernels(base: Path) -> list[Kernel]:
     kdir = base / "kernels"
     out = []
     if kdir.is_dir():
         for d in kdir.iterdir():
-            if (d / "ready").exists():
+            ready = d / "ready"
+            # an older layout lacks modules this one extracts: fetched again
+            if ready.exists() and ready.read_text().strip() == CACHE_LAYOUT_VERSION:
                 out.append(Kernel(d))
     return sorted(out, key=lambda k: _version_key(f"linux-image-{k.release}"))
 
@@ -293,10 +303,11 @@ def _install_kernel_tree(tree: Path, release: str, dest: Path) -> None:
     builtin = _builtin_modules(moddir)
     index = _module_index(moddir / "kernel")
     order = module_load_order([*KVM_MODULES, *SHARE_MODULES], index, builtin)
+    boot_order = module_load_order(BOOT_MODULES, index, builtin)
     (dest / "modules").mkdir()
-    for name in order:
+    for name in dict.fromkeys([*order, *boot_order]):
         (dest / "modules" / f"{name}.ko").write_bytes(_read_module(index[name]))
-    meta = {"release": release, "order": order, "builtin_roots":
+    meta = {"release": release, "order": order, "boot_order": boot_order, "builtin_roots":
             sorted(n for n in (*KVM_MODULES, *SHARE_MODULES) if n in builtin)}
     (dest / "modules.json").write_text(json.dumps(meta, indent=1) + "\n")
 
