@@ -497,3 +497,86 @@ class Vcpu:
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self._fd})"
+
+    # -- x86 state --
+    # Thin faces of pyvmm.state (the ioctl and struct work lives there).
+
+    def get_xsave(self, *, xsave2: bool | None = None):
+        """KVM_GET_XSAVE2 (KVM_CAP_XSAVE2's size) or KVM_GET_XSAVE: a `pyvmm.state.Xsave`."""
+        from .state import cpu
+        return cpu.get_xsave(self, xsave2=xsave2)
+
+    def set_xsave(self, xsave) -> None:
+        """KVM_SET_XSAVE of a `pyvmm.state.Xsave`."""
+        from .state import cpu
+        cpu.set_xsave(self, xsave)
+
+    def get_xcrs(self):
+        """KVM_GET_XCRS: a `pyvmm.state.Xcrs` (XCR0 and any others)."""
+        from .state import cpu
+        return cpu.get_xcrs(self)
+
+    def set_xcrs(self, xcrs) -> None:
+        """KVM_SET_XCRS."""
+        from .state import cpu
+        cpu.set_xcrs(self, xcrs)
+
+    def get_debugregs(self):
+        """KVM_GET_DEBUGREGS: a `pyvmm.state.DebugRegs` (db[0..3], dr6, dr7)."""
+        from .state import cpu
+        return cpu.get_debugregs(self)
+
+    def set_debugregs(self, regs) -> None:
+        """KVM_SET_DEBUGREGS."""
+        from .state import cpu
+        cpu.set_debugregs(self, regs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz."""
+        from .state import cpu
+        return cpu.get_tsc_khz(self)
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ (needs KVM_CAP_TSC_CONTROL unless `khz` is already the rate)."""
+        from .state import cpu
+        cpu.set_tsc_khz(self, khz)
+
+    def kvmclock_ctrl(self) -> None:
+        """KVM_KVMCLOCK_CTRL: tell the guest's kvmclock the host paused it."""
+        from .state import cpu
+        cpu.kvmclock_ctrl(self)
+
+    def get_nested_state(self) -> bytes:
+        """KVM_GET_NESTED_STATE (where the host has KVM_CAP_NESTED_STATE)."""
+        from .state import cpu
+        return cpu.get_nested_state(self)
+
+    def set_nested_state(self, data: bytes) -> None:
+        """KVM_SET_NESTED_STATE."""
+        from .state import cpu
+        cpu.set_nested_state(self, data)
+
+    def set_sync_regs(self, mask: int) -> None:
+        """Have KVM fill kvm_run's s.regs at every exit with these sets (pyvmm.state.SYNC_*)."""
+        from .state import syncregs
+        syncregs.set_sync_regs(self, mask)
+
+    def get_synced_regs(self):
+        """Copies of the register sets KVM synced at the last exit (`SyncedRegs`)."""
+        from .state import syncregs
+        return syncregs.get_synced_regs(self)
+
+    def put_synced_regs(self, *, regs=None, sregs=None, events=None) -> None:
+        """Write register sets into kvm_run for the next KVM_RUN to load (kvm_dirty_regs)."""
+        from .state import syncregs
+        syncregs.put_synced_regs(self, regs=regs, sregs=sregs, events=events)
+
+    def save_state(self, *, complete_io: bool = True):
+        """Everything KVM needs to resume this vCPU: a picklable `pyvmm.state.VcpuState`."""
+        from .state import vcpu_state
+        return vcpu_state.save_vcpu_state(self, complete_io=complete_io)
+
+    def load_state(self, state) -> None:
+        """Load a VcpuState into this fresh vCPU, in the order KVM requires."""
+        from .state import vcpu_state
+        vcpu_state.load_vcpu_state(self, state)
