@@ -493,3 +493,21 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- x86 state --
+    # Thin faces of pyvmm.snapshot (the file format and the work live there).
+
+    def snapshot(self, path) -> dict:
+        """Write this paused machine (memory, every vCPU's and the VM's state, the state of
+        devices with save_state()/load_state()) to one file; returns its header."""
+        from . import snapshot
+        return snapshot.snapshot(self, path)
+
+    @classmethod
+    def restore(cls, path, *, kvm: Kvm | None = None,
+                setup: Callable[[Machine], object] | None = None,
+                strict: bool = True) -> Machine:
+        """A new Machine continuing where the snapshot at `path` stopped. `setup(machine)`
+        recreates devices, doorbells and interrupts before the states are loaded."""
+        from . import snapshot
+        return snapshot.restore(path, kvm=kvm, setup=setup, strict=strict)

@@ -13,6 +13,7 @@ import pytest
 
 from pyvmm import Cap, KvmError, MissingCapability, exits, guests
 from pyvmm.guests import ucall
+from pyvmm.testing.hostinfo import kvm_module
 from pyvmm.state import DebugRegs, VcpuState, Xsave
 from pyvmm.state.vcpu_state import feature_msr_indices
 
@@ -237,18 +238,23 @@ def test_loaded_state_reads_back_the_same(vm, kvm):
     vcpu.set_debugregs(dr)
     vcpu.set_msrs({0xC0000102: 0x77770000})                  # KERNEL_GS_BASE
     state = vcpu.save_state(complete_io=False)
+    # MSRs that do not move by themselves (not IA32_TSC, not Hyper-V's reference counters)
+    stable = {k for k, v in vcpu.save_state(complete_io=False).msrs.items()
+              if state.msrs[k] == v}
     with kvm.create_vm() as vm2:
         target = vm2.create_vcpu()
         target.load_state(state)
         assert target.get_regs() == state.regs
-        assert target.get_sregs() == state.sregs
+        sregs = target.get_sregs()
+        if kvm.is_amd:                                       # see vcpu_state._tr_for_host
+            sregs.tr.type |= 2
+        assert sregs == state.sregs
         assert target.get_debugregs().db[1] == 0x4000
         assert target.get_msrs([0xC0000102])[0xC0000102] == 0x77770000
         assert target.get_xsave() == state.xsave
         back = target.save_state(complete_io=False)
-        # IA32_TSC moves on; everything else must be what was loaded.
-        assert {k: v for k, v in back.msrs.items() if k != 0x10} == \
-            {k: v for k, v in state.msrs.items() if k != 0x10}
+        assert {k: back.msrs[k] for k in stable} == {k: state.msrs[k] for k in stable}
+        assert len(stable) > len(state.msrs) // 2
 
 
 def test_state_needs_irqchip_on_both_sides(kvm):
@@ -273,8 +279,10 @@ def test_moved_at_every_exit_through_every_mode(kvm):
 
 
 def test_moved_mid_loop_at_cpl0(kvm):
-    steps = 3000                                            # emulated: about 30 ms a slice
-    result, _, moves = _run(kvm, "state", regs={"rcx": steps}, slice_s=0.005)
+    # Emulated one instruction at a time on kvm_pvm (3000 steps: about 30 ms); elsewhere
+    # CPL0 code runs at full speed and needs more steps to be caught mid-loop.
+    steps = 3000 if kvm_module() == "kvm_pvm" else 300_000
+    result, _, moves = _run(kvm, "state", regs={"rcx": steps}, slice_s=0.002)
     assert result == lcg_expected(steps)
     assert moves >= 1
 

@@ -216,6 +216,21 @@ def save_vcpu_state(vcpu: Vcpu, *, complete_io: bool = True) -> VcpuState:
                      nested=nested, tsc_khz=tsc_khz)
 
 
+TSS_AVAILABLE, TSS_BUSY = 0x9, 0xB
+
+
+def _tr_for_host(vcpu: Vcpu, sregs: Sregs) -> Sregs:
+    """On AMD, KVM_GET_SREGS reports TR busy whatever the CPU holds, and SVM itself ignores
+    the busy bit; QEMU's TCG, though (stock kvm_amd in the nested runner), refuses the I/O
+    bitmap of a busy TSS. So on AMD a busy TSS goes back as available: the guest sees no
+    difference on hardware and keeps its port I/O under TCG. Intel's VM entry needs busy."""
+    if sregs.tr.type != TSS_BUSY or not vcpu.vm.kvm.is_amd:
+        return sregs
+    sregs = sregs.copy()
+    sregs.tr.type = TSS_AVAILABLE
+    return sregs
+
+
 def load_vcpu_state(vcpu: Vcpu, state: VcpuState) -> None:
     """Put `state` into `vcpu`, a fresh vCPU that has not run (KVM refuses a CPUID change
     after the first KVM_RUN), of a VM set up like the source's (irqchip, memory)."""
@@ -230,7 +245,7 @@ def load_vcpu_state(vcpu: Vcpu, state: VcpuState) -> None:
         vcpu.set_cpuid(state.cpuid)
     if state.tsc_khz is not None and vcpu.vm.check_extension(Cap.GET_TSC_KHZ):
         cpu.set_tsc_khz(vcpu, state.tsc_khz)
-    vcpu.set_sregs(state.sregs)
+    vcpu.set_sregs(_tr_for_host(vcpu, state.sregs))
     msrs = dict(state.msrs)
     deadline = msrs.pop(MSR_IA32_TSC_DEADLINE, None)
     write_msrs(vcpu, msrs)
