@@ -30,6 +30,16 @@ IMPORTANT_CAPS = [
     (Cap.NR_VCPUS, "recommended vCPUs per VM"),
     (Cap.MAX_VCPUS, "maximum vCPUs per VM"),
     (Cap.NR_MEMSLOTS, "memslots per VM"),
+    # x86 state: save/restore, snapshots, migration (pyvmm.state, pyvmm.snapshot)
+    (Cap.XSAVE2, "vcpu.get_xsave(): KVM_GET_XSAVE2, size of the XSAVE area"),
+    (Cap.XCRS, "vcpu.get_xcrs()/set_xcrs(): XCR0 in a saved state"),
+    (Cap.DEBUGREGS, "vcpu.get_debugregs()/set_debugregs()"),
+    (Cap.GET_TSC_KHZ, "vcpu.get_tsc_khz(): the guest TSC rate in a saved state"),
+    (Cap.TSC_CONTROL, "vcpu.set_tsc_khz() to another rate (TSC scaling)"),
+    (Cap.KVMCLOCK_CTRL, "vcpu.kvmclock_ctrl(): tell a paused guest's kvmclock"),
+    (Cap.NESTED_STATE, "vcpu.get_nested_state(): nested guests in a saved state (max size)"),
+    (Cap.ADJUST_CLOCK, "vm.get_clock()/set_clock(): kvmclock across a snapshot"),
+    (Cap.PIT_STATE2, "vm.get_pit()/set_pit(): the in-kernel PIT in a saved state"),
 ]
 
 
