@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from .kvm import Kvm
     from .machine import Machine
 
-__all__ = ["FORMAT", "MAGIC", "Stateful", "read_header", "restore", "snapshot"]
+__all__ = ["FORMAT", "MAGIC", "Stateful", "build", "layout", "load_paused_state",
+           "paused_state", "read_header", "restore", "snapshot"]
 
 MAGIC = b"pyvmm snapshot\n\0"
 FORMAT = 1
@@ -84,43 +85,91 @@ def _stateful_devices(machine: Machine):
                 yield bus_name, mapping
 
 
+def layout(machine: Machine) -> dict[str, Any]:
+    """What a machine is made of, for building an empty one like it (see build())."""
+    for region in machine.vm.memory.regions(None):
+        if region.alias_of is not None:
+            raise ValueError(f"{region!r} is an alias (an SMRAM view): snapshots and "
+                             "migrations keep plain RAM regions only")
+    return {"format": FORMAT, "vcpus": [vcpu.id for vcpu in machine.vcpus],
+            "irqchip": bool(machine.irqchip), "pit": has_pit(machine.vm),
+            "serial": machine.serial is not None,
+            "regions": [{"guest_addr": r.guest_addr, "size": r.size, "readonly": r.readonly,
+                         "log_dirty": r.log_dirty, "address_space": r.address_space}
+                        for r in machine.vm.memory.regions(None)]}
+
+
+def paused_state(machine: Machine) -> dict[str, Any]:
+    """Every vCPU's state, the VM's and the devices' of a paused machine, as plain values."""
+    for vcpu in machine.vcpus:
+        if vcpu.running:
+            raise RuntimeError(f"vCPU {vcpu.id} is running: save a machine after run() "
+                               "has returned")
+    vcpu_states = [vcpu.save_state().encode() for vcpu in machine.vcpus]
+    return {"vcpu_states": vcpu_states, "vm_state": machine.vm.save_state().encode(),
+            "devices": [dict(_device_key(bus, m), state=m.device.save_state())
+                        for bus, m in _stateful_devices(machine)]}
+
+
+def build(description: dict[str, Any], *, kvm: Kvm | None = None) -> Machine:
+    """An empty Machine laid out as `description` (from layout()) says: its vCPUs, in-kernel
+    irqchip and PIT, serial console and memory regions (zeroed). ValueError if malformed."""
+    from .machine import Machine
+
+    try:
+        ids = [int(i) for i in description["vcpus"]]
+        regions = [(int(r["guest_addr"]), int(r["size"]), bool(r["readonly"]),
+                    bool(r["log_dirty"]), int(r["address_space"]))
+                   for r in description["regions"]]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"not a machine description: {err!r}") from None
+    if ids != list(range(len(ids))):
+        raise ValueError(f"vCPU ids {ids} are not 0..n-1")
+    machine = Machine(vcpus=len(ids), irqchip=bool(description.get("irqchip")), kvm=kvm,
+                      serial=bool(description.get("serial", True)))
+    try:
+        if description.get("pit"):
+            machine.vm.create_pit()
+        for addr, size, readonly, log_dirty, space in regions:
+            machine.vm.add_memory(addr, size, readonly=readonly, log_dirty=log_dirty,
+                                  address_space=space)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def load_paused_state(machine: Machine, saved: dict[str, Any], *, strict: bool = True) -> None:
+    """Load what paused_state() returned into a machine from build() (after its memory and
+    the caller's devices are in place)."""
+    try:
+        vcpu_states = [VcpuState.decode(s) for s in saved["vcpu_states"]]
+        vm_state = VmState.decode(saved["vm_state"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"the saved state lacks {err}") from None
+    if [s.vcpu_id for s in vcpu_states] != [v.id for v in machine.vcpus]:
+        raise ValueError("the saved vCPU states do not match the machine's vCPUs")
+    machine.vm.load_state(vm_state)
+    for vcpu, state in zip(machine.vcpus, vcpu_states):
+        vcpu.load_state(state)
+        vcpu.cpuid_set = True
+    _load_devices(machine, saved.get("devices", []), strict)
+
+
 def snapshot(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     """Write the paused `machine` to `path`; returns the header written. Refuses a machine
     whose vCPUs are running (call it after run() has returned)."""
-    vm = machine.vm
-    for vcpu in machine.vcpus:
-        if vcpu.running:
-            raise RuntimeError(f"vCPU {vcpu.id} is running: snapshot a machine after run() "
-                               "has returned")
-    regions = vm.memory.regions(None)
-    for region in regions:
-        if region.alias_of is not None:
-            raise ValueError(f"{region!r} is an alias (an SMRAM view): snapshots keep plain "
-                             "RAM regions only")
+    regions = machine.vm.memory.regions(None)
     # vCPUs first: completing their last exits' I/O may still write guest memory (an IN's
     # string destination), and the VM devices' state is final once the vCPUs are.
-    vcpu_states = [vcpu.save_state().encode() for vcpu in machine.vcpus]
-    header: dict[str, Any] = {
-        "format": FORMAT,
-        "vcpus": [vcpu.id for vcpu in machine.vcpus],
-        "irqchip": bool(machine.irqchip),
-        "pit": has_pit(vm),
-        "serial": machine.serial is not None,
-        "vm_state": vm.save_state().encode(),
-        "vcpu_states": vcpu_states,
-        "devices": [dict(_device_key(bus, m), state=m.device.save_state())
-                    for bus, m in _stateful_devices(machine)],
-        "regions": [],
-    }
+    header = dict(layout(machine), **paused_state(machine))
+    header["regions"] = []
     offset = 0
     views = []
-    for region in regions:
+    for region, entry in zip(regions, layout(machine)["regions"]):
         view = region.view()
         runs = _nonzero_runs(view)
-        header["regions"].append({"guest_addr": region.guest_addr, "size": region.size,
-                                  "readonly": region.readonly, "log_dirty": region.log_dirty,
-                                  "address_space": region.address_space, "offset": offset,
-                                  "runs": runs})
+        header["regions"].append(dict(entry, offset=offset, runs=runs))
         views.append((view, runs))
         offset += _align(sum(n for _, n in runs) * CHUNK)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -176,40 +225,18 @@ def restore(path: str | os.PathLike, *, kvm: Kvm | None = None,
     `setup(machine)` recreates what the caller's code owns (devices, doorbells, interrupts)
     before states are loaded. With `strict`, a saved device state that no device of the new
     machine takes is an error (ValueError)."""
-    from .machine import Machine
-
     header, data_start = read_header(path)
+    machine = build(header, kvm=kvm)
     try:
-        vcpu_states = [VcpuState.decode(s) for s in header["vcpu_states"]]
-        vm_state = VmState.decode(header["vm_state"])
-        ids = [int(i) for i in header["vcpus"]]
-        regions = header["regions"]
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{os.fspath(path)}: the snapshot header lacks {err}") from None
-    if ids != list(range(len(ids))) or [s.vcpu_id for s in vcpu_states] != ids:
-        raise ValueError(f"{os.fspath(path)}: vCPU ids {ids} are not 0..n-1 with one state each")
-    machine = Machine(vcpus=len(ids), irqchip=bool(header.get("irqchip")), kvm=kvm,
-                      serial=bool(header.get("serial", True)))
-    try:
-        if header.get("pit"):
-            machine.vm.create_pit()
         with open(path, "rb") as f:
-            for r in regions:
-                region = machine.vm.add_memory(int(r["guest_addr"]), int(r["size"]),
-                                               readonly=bool(r["readonly"]),
-                                               log_dirty=bool(r["log_dirty"]),
-                                               address_space=int(r["address_space"]))
+            for region, entry in zip(machine.vm.memory.regions(None), header["regions"]):
                 view = region.view()
-                f.seek(data_start + int(r["offset"]))
-                for first, count in r["runs"]:
+                f.seek(data_start + int(entry["offset"]))
+                for first, count in entry["runs"]:
                     _read_into(f, view[first * CHUNK:(first + count) * CHUNK])
         if setup is not None:
             setup(machine)
-        machine.vm.load_state(vm_state)
-        for vcpu, state in zip(machine.vcpus, vcpu_states):
-            vcpu.load_state(state)
-            vcpu.cpuid_set = True
-        _load_devices(machine, header.get("devices", []), strict)
+        load_paused_state(machine, header, strict=strict)
     except BaseException:
         machine.close()
         raise

@@ -578,6 +578,18 @@ class Vm:
         from .state import vm_state
         vm_state.clear_dirty_log(self, region, first_page, num_pages)
 
+    def set_log_dirty(self, region, enabled: bool = True) -> None:
+        """Turn dirty-page logging of a live `region` on or off (KVM_SET_USER_MEMORY_REGION
+        of the same slot with the flag toggled): turned on, KVM logs writes from now on."""
+        with self._lock:
+            if region.vm is not self or region.closed or region.alias_of is not None:
+                raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
+            flags = (KVM_MEM_READONLY if region.readonly else 0) | (
+                KVM_MEM_LOG_DIRTY_PAGES if enabled else 0)
+            self._set_region(region.kernel_slot, flags, region.guest_addr, region.size,
+                             region.host_addr)
+            region.log_dirty = bool(enabled)
+
     def save_state(self):
         """The VM-wide state (clock, PICs, IOAPIC, PIT): a picklable `pyvmm.state.VmState`."""
         from .state import vm_state
