@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, nested, bench."""
+"""The `pyvmm` command: info, run, demo, migrate-demo, nested, bench."""
 
 from __future__ import annotations
 
@@ -109,6 +109,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main(args.rings)
 
 
+def cmd_migrate_demo(args: argparse.Namespace) -> int:
+    from .migrate_demo import main
+
+    try:
+        return main(memory_mb=args.memory, pages=args.pages, steps=args.steps,
+                    spins=tuple(args.spin or (400, 50)), threshold=args.threshold)
+    except ValueError as err:
+        print(f"pyvmm migrate-demo: {err}", file=sys.stderr)
+        return 2
+
+
 def cmd_nested(args: argparse.Namespace) -> int:
     from .testing import nested
 
@@ -134,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="the doorbell harness: userspace exits vs ioeventfd")
     p.add_argument("--rings", type=int, default=20000)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("migrate-demo", help="live-migrate a guest that keeps writing memory")
+    p.add_argument("--memory", type=int, default=64, help="guest RAM in MiB")
+    p.add_argument("--pages", type=int, default=4093, help="pages of the buffer it writes")
+    p.add_argument("--steps", type=int, default=4_000_000, help="writes the guest makes")
+    p.add_argument("--spin", type=int, action="append", metavar="N",
+                   help="spins between two writes, one migration each (default 400 and 50)")
+    p.add_argument("--threshold", type=int, default=64,
+                   help="pre-copy ends when a round sends at most this many pages")
+    p.set_defaults(func=cmd_migrate_demo)
 
     p = sub.add_parser("nested", help="run a command on stock KVM inside QEMU (SMM, hypercalls)")
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -35,6 +35,7 @@ class MigrationResult:
 
     target: Machine
     rounds: list[int] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
     downtime: float = 0.0
     duration: float = 0.0
     source_result: RunResult | None = None
@@ -93,19 +94,22 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         runner = threading.Thread(target=lambda: outcome.setdefault(
             "result", source.run(timeout=run_timeout)), name="pyvmm-migration-source")
         runner.start()
+        def record(sent: int, since: float) -> None:
+            result.rounds.append(sent)
+            result.round_seconds.append(time.perf_counter() - since)
+            if on_round:
+                on_round(len(result.rounds) - 1, sent)
+
         # Round 0: everything. Pages written while it is copied show in the next log.
-        sent = 0
+        since, sent = time.perf_counter(), 0
         for _, src_view, dst_view in pairs:
             dst_view[:] = src_view
             sent += len(src_view) // PAGE
-        result.rounds.append(sent)
-        if on_round:
-            on_round(0, sent)
+        record(sent, since)
         while len(result.rounds) < max_rounds and runner.is_alive():
+            since = time.perf_counter()
             sent = _dirty_round(pairs)
-            result.rounds.append(sent)
-            if on_round:
-                on_round(len(result.rounds) - 1, sent)
+            record(sent, since)
             if sent <= threshold_pages:
                 break
         # Stop and copy.
@@ -117,9 +121,7 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         saved = snapshot.paused_state(source)
         # Completing the vCPUs' last I/O (in paused_state) may write memory once more.
         sent += _dirty_round(pairs)
-        result.rounds.append(sent)
-        if on_round:
-            on_round(len(result.rounds) - 1, sent)
+        record(sent, stop_at)
         if setup is not None:
             setup(target)
         snapshot.load_paused_state(target, saved)

@@ -10,7 +10,7 @@ import pytest
 from pyvmm import IoEventAddress, Machine
 from pyvmm.migration import migrate
 
-BUFFER, PAGES = 4 << 20, 4095        # dirty.S's buffer: RDI must not be a multiple of 7
+BUFFER, PAGES = 4 << 20, 4093        # dirty.S's buffer: RDI must not be a multiple of 7
 
 
 def _dirty_machine(kvm, steps: int, spin: int) -> Machine:
@@ -83,3 +83,14 @@ def test_dirty_logging_toggled_on_a_live_region(kvm):
         assert not region.log_dirty
         with pytest.raises(ValueError):
             other.set_log_dirty(region, True)               # another VM's region
+
+
+def test_migrate_demo_command(capsys):
+    from pyvmm.cli import main
+
+    assert main(["migrate-demo", "--memory", "16", "--pages", "1021", "--steps", "400000",
+                 "--spin", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "stop+copy" in out and "downtime" in out and "(right)" in out
+    assert main(["migrate-demo", "--pages", "700"]) == 2          # a multiple of 7
+    assert "multiple of 7" in capsys.readouterr().err
