@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("migrate-demo", help="live-migrate a guest that keeps writing memory")
     p.add_argument("--memory", type=int, default=64, help="guest RAM in MiB")
     p.add_argument("--pages", type=int, default=4093, help="pages of the buffer it writes")
-    p.add_argument("--steps", type=int, default=4_000_000, help="writes the guest makes")
+    p.add_argument("--steps", type=int, default=3_000_000, help="writes the guest makes")
     p.add_argument("--spin", type=int, action="append", metavar="N",
                    help="spins between two writes, one migration each (default 400 and 50)")
     p.add_argument("--threshold", type=int, default=64,

@@ -47,7 +47,7 @@ def one(memory_mb: int, pages: int, steps: int, spin: int, threshold: int) -> bo
         return ok
 
 
-def main(*, memory_mb: int = 64, pages: int = 4093, steps: int = 4_000_000,
+def main(*, memory_mb: int = 64, pages: int = 4093, steps: int = 3_000_000,
          spins: tuple[int, ...] = (400, 50), threshold: int = 64) -> int:
     """Run the demo; 0 when every migrated guest finished with the right result."""
     if pages % 7 == 0 or pages <= 0:
