@@ -335,7 +335,9 @@ def main(cases: list[Case]) -> None:
     runner.argparser.add_argument("--paired", metavar="JSON", default="",
                                   help="instead of pyperf runs, measure pyvmm and C "
                                        "alternately in one process and write the per-pair "
-                                       "times and ratios to JSON")
+                                       "times and ratios to JSON (not a pyperf file: keep it "
+                                       "out of pyperf's folder; no file when no case has a C "
+                                       "side)")
     args = runner.parse_args()
     if not args.worker and any(c.c_mode for c in cases):
         build_cref()  # once, in the master, before the workers race for it
@@ -349,7 +351,11 @@ def main(cases: list[Case]) -> None:
                 continue
             if case.c_mode is not None and case.scenario is not None:
                 out[case.name] = paired(case)
-        Path(args.paired).write_text(json.dumps(out, indent=1))
+        target = Path(args.paired)
+        target.unlink(missing_ok=True)
+        if out:  # a script without a C side has nothing to pair: no file, not an empty one
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(out, indent=1))
         return
     runner.metadata["pyvmm_host"] = host_description()
     for case in cases:

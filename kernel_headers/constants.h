@@ -381,6 +381,15 @@
 /* KVM_CAP_X86_USER_SPACE_MSR argument bits. */
 #define KVM_MSR_EXIT_REASON_ALL 7
 
+/* -- guest debugging: kvm_guest_debug.control -- */
+#define KVM_GUESTDBG_ENABLE 1
+#define KVM_GUESTDBG_SINGLESTEP 2
+#define KVM_GUESTDBG_USE_SW_BP 65536
+#define KVM_GUESTDBG_USE_HW_BP 131072
+#define KVM_GUESTDBG_INJECT_DB 262144
+#define KVM_GUESTDBG_INJECT_BP 524288
+#define KVM_GUESTDBG_BLOCKIRQ 1048576
+
 /* ---- x86 state: save/restore of vCPUs and VMs (pyvmm.state) ---- */
 /* kvm_run.kvm_valid_regs / kvm_dirty_regs */
 #define KVM_SYNC_X86_REGS 1

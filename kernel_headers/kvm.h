@@ -251,3 +251,24 @@ struct kvm_coalesced_mmio_ring {
     uint32_t first, last;
     struct kvm_coalesced_mmio coalesced_mmio[];
 };
+
+/* -- guest debugging (KVM_SET_GUEST_DEBUG, KVM_TRANSLATE) -- */
+
+struct kvm_guest_debug_arch {
+    uint64_t debugreg[8];
+};
+
+struct kvm_guest_debug {
+    uint32_t control;
+    uint32_t pad;
+    struct kvm_guest_debug_arch arch;
+};
+
+struct kvm_translation {
+    uint64_t linear_address;
+    uint64_t physical_address;
+    uint8_t  valid;
+    uint8_t  writeable;
+    uint8_t  usermode;
+    uint8_t  pad[5];
+};

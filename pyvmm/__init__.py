@@ -1,5 +1,7 @@
 """pyvmm: a Python binding over the Linux /dev/kvm ioctls.
 
+A VM by hand (see the README and the guides for more)::
+
     from pyvmm import Kvm
     with Kvm() as kvm, kvm.create_vm() as vm:
         vm.add_memory(0, 0x10000)
@@ -21,8 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Cap", "ClosedError", "CpuidEntry", "Fpu", "GuestError", "GuestMemory", "IoEventAddress",
-    "Kvm", "KvmError", "KvmUnavailable", "MemoryRegion", "MissingCapability", "Regs", "Sregs",
-    "Vcpu", "VcpuEvents", "Vm", "exits",
+    "Kvm", "KvmError", "KvmUnavailable", "Machine", "MemoryRegion", "MissingCapability", "Regs",
+    "Sregs", "Vcpu", "VcpuEvents", "Vm", "exits",
 ]
 
 

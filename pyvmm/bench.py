@@ -1,10 +1,13 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """`pyvmm bench`: run the pyperf benchmarks of bench/ and print pyvmm against the C reference.
 
-Every `bench/bench_*.py` script is run as a pyperf run writing `<DIR>/<script>.json` (files
-that `python -m pyperf compare_to` accepts); the table pairs each case's "[pyvmm]" and "[C]"
-benchmarks, gives their medians per operation, the ratio, and whether the case's target
-(issue 8) is met. Targets are measured and reported, never asserted.
+Every `bench/bench_*.py` script is run as a pyperf run appending to one file per run,
+`<DIR>/<NAME>.json` (NAME: the UTC start time unless given). DIR holds pyperf's files and
+nothing else, one per run, so `python -m pyperf compare_to DIR/*.json` compares the runs in it
+(the oldest is the reference). The interleaved pyvmm/C measurements, which are not pyperf files,
+go to `<DIR>/paired/<NAME>.json`, only when some case has a C side. The table pairs each
+case's "[pyvmm]" and "[C]" benchmarks, gives their medians per operation, the ratio, and
+whether the case's target is met. Targets are measured and reported, never asserted.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ SEED_HYPERCALL = 2.37
 #: Fast mode: fewer worker processes and shorter values than pyperf's own --fast, to keep a
 #: whole run within a few minutes on a 2-CPU machine.
 FAST_ARGS = ["--processes", "4", "--values", "3", "--warmups", "1", "--min-time", "0.05"]
+
+#: Subfolder of the output folder for the interleaved (paired) measurements: not pyperf
+#: files, so they are kept out of the folder pyperf's tools glob.
+PAIRED_DIR = "paired"
+
+
+def paired_path(pyperf_json: Path) -> Path:
+    """Where the paired measurements of the pyperf file `pyperf_json` are (or go)."""
+    return pyperf_json.parent / PAIRED_DIR / pyperf_json.name
 
 
 def bench_dir() -> Path:
@@ -77,8 +89,6 @@ def load_rows(paths: list[Path]) -> list[Row]:
 
     rows: dict[str, Row] = {}
     for path in paths:
-        if path.name.endswith(".paired.json"):
-            continue
         suite = pyperf.BenchmarkSuite.load(str(path))
         for bench in suite.get_benchmarks():
             meta = bench.get_metadata()
@@ -93,7 +103,7 @@ def load_rows(paths: list[Path]) -> list[Row]:
                 row.c = bench.median()
             else:
                 row.pyvmm = bench.median()
-        pairs = path.with_name(path.name.replace(".json", ".paired.json"))
+        pairs = paired_path(path)
         if pairs.exists():
             for case, data in json.loads(pairs.read_text()).items():
                 if case in rows and data.get("ratios"):
@@ -166,21 +176,51 @@ def hypercall_line() -> str:
     return f"{note} (seed, extrapolated: {SEED_HYPERCALL} us)"
 
 
+def run_name() -> str:
+    """The default name of a run's file: its UTC start time, so names sort in run order."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def newest_run(out_dir: Path) -> Path | None:
+    """The most recent run file in `out_dir` (by name, then modification time)."""
+    runs = sorted(out_dir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name))
+    return runs[-1] if runs else None
+
+
+def merge_paired(target: Path, part: Path) -> None:
+    """Add one script's paired measurements (`part`, deleted afterwards) to the run's."""
+    import json
+
+    if not part.exists():  # a script with no C side writes none
+        return
+    merged = json.loads(target.read_text()) if target.exists() else {}
+    merged.update(json.loads(part.read_text()))
+    part.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(merged, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pyvmm bench",
         description="Run the pyperf benchmarks of bench/ (pyvmm against the C reference) and "
-                    "print the table. Arguments after `--` go to every pyperf script.")
+                    "print the table. Each run is one pyperf file DIR/NAME.json holding every "
+                    "script's benchmarks, so `python -m pyperf compare_to DIR/*.json` compares "
+                    "the runs in DIR. Arguments after `--` go to every pyperf script.")
     parser.add_argument("--fast", action="store_true",
                         help=f"fewer, shorter pyperf runs ({' '.join(FAST_ARGS)})")
     parser.add_argument("-o", "--output", default="bench-results", metavar="DIR",
-                        help="folder for the pyperf JSON files (default: %(default)s)")
+                        help="folder of the runs' pyperf files (default: %(default)s)")
+    parser.add_argument("--name", default="", metavar="NAME",
+                        help="this run's file name in DIR, without .json (default: the UTC "
+                             "start time, YYYYmmdd-HHMMSS); an existing file is replaced")
     parser.add_argument("--only", default="", metavar="NAMES",
                         help="comma-separated scripts to run, e.g. exits,spawn")
     parser.add_argument("--cases", default="", metavar="GLOBS",
                         help="comma-separated globs of case names, e.g. 'exit.pio.*'")
     parser.add_argument("--show", action="store_true",
-                        help="run nothing; print the table of the JSON files in DIR")
+                        help="run nothing; print the table of the run --name in DIR (default: "
+                             "the newest)")
     parser.add_argument("--bench-dir", type=Path, default=None,
                         help="where the bench_*.py scripts are (default: the source tree's "
                              "bench/)")
@@ -199,64 +239,78 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out_dir = Path(args.output)
     if args.show:
-        paths = sorted(p for p in out_dir.glob("bench_*.json")
-                       if not p.name.endswith(".paired.json"))
-        if not paths:
-            print(f"pyvmm bench: no bench_*.json in {out_dir}", file=sys.stderr)
+        path = out_dir / f"{args.name}.json" if args.name else newest_run(out_dir)
+        if path is None or not path.is_file():
+            print(f"pyvmm bench: no run {'named ' + args.name + ' ' if args.name else ''}in "
+                  f"{out_dir}", file=sys.stderr)
             return 2
     else:
-        directory = args.bench_dir or bench_dir()
-        found = scripts(directory) if directory.is_dir() else []
-        if not found:
-            print(f"pyvmm bench: no bench/bench_*.py scripts at {directory}. The benchmarks "
-                  "live in pyvmm's source tree (bench/), which a non-editable install does "
-                  "not contain: run from a checkout (pip install -e .), or pass --bench-dir "
-                  "or set PYVMM_BENCH_DIR.", file=sys.stderr)
-            return 2
-        wanted = {n.strip().removeprefix("bench_") for n in args.only.split(",") if n.strip()}
-        if wanted:
-            found = [p for p in found if p.stem.removeprefix("bench_") in wanted]
-            if not found:
-                print(f"pyvmm bench: no script matches --only {args.only}", file=sys.stderr)
-                return 2
-        out_dir.mkdir(parents=True, exist_ok=True)
-        pyperf_args = (FAST_ARGS if args.fast else []) + extra
-        if args.cases:
-            pyperf_args += ["--cases", args.cases]
-        paths = []
-        start = time.monotonic()
-        for script in found:
-            path = out_dir / f"{script.stem}.json"
-            path.unlink(missing_ok=True)  # pyperf refuses to overwrite
-            cmd = [sys.executable, str(script), "--quiet", "-o", str(path), *pyperf_args]
-            print(f"$ {' '.join(cmd)}", flush=True)
-            proc = subprocess.run(cmd, cwd=script.parent)
-            if proc.returncode != 0:
-                print(f"pyvmm bench: {script.name} failed (status {proc.returncode})",
-                      file=sys.stderr)
-                return 1
-            if path.exists():
-                paths.append(path)
-            # pyvmm and C once more, alternating in one process: the ratios under equal load
-            pairs = out_dir / f"{script.stem}.paired.json"
-            pairs.unlink(missing_ok=True)
-            cmd = [sys.executable, str(script), "--paired", str(pairs)]
-            if args.cases:
-                cmd += ["--cases", args.cases]
-            print(f"$ {' '.join(cmd)}", flush=True)
-            if subprocess.run(cmd, cwd=script.parent).returncode != 0:
-                print(f"pyvmm bench: {script.name} --paired failed", file=sys.stderr)
-                return 1
-        print(f"\n{len(paths)} pyperf result file(s) in {out_dir} "
-              f"({time.monotonic() - start:.0f} s); compare runs with "
-              f"`python -m pyperf compare_to OLD.json NEW.json`\n")
-    rows = load_rows(paths)
+        path = out_dir / f"{args.name or run_name()}.json"
+        status = run_scripts(args, extra, path)
+        if status:
+            return status
     print("pyvmm, C: pyperf medians per operation (ring, round trip or spawn); ratio = pyvmm/C "
           "of those;\npaired = median pyvmm/C of 7 interleaved pairs in one process (equal "
           "machine load),\nwhich the ratio targets use")
+    rows = load_rows([path])
     print(format_table(rows))
+    if any(r.group == "kut-vmexit" for r in rows):  # bench/bench_kut_vmexit.py
+        print("vmexit rows: the C column is QEMU+KVM booting the same kvm-unit-tests "
+              "vmexit.flat (guest-timed)")
     print()
     print(hypercall_line())
+    return 0
+
+
+def run_scripts(args: argparse.Namespace, extra: list[str], path: Path) -> int:
+    """Run the selected bench_*.py scripts, appending their benchmarks to the run file `path`
+    and their paired measurements to `paired_path(path)`; 0, or the exit status to return."""
+    directory = args.bench_dir or bench_dir()
+    found = scripts(directory) if directory.is_dir() else []
+    if not found:
+        print(f"pyvmm bench: no bench/bench_*.py scripts at {directory}. The benchmarks "
+              "live in pyvmm's source tree (bench/), which a non-editable install does "
+              "not contain: run from a checkout (pip install -e .), or pass --bench-dir "
+              "or set PYVMM_BENCH_DIR.", file=sys.stderr)
+        return 2
+    wanted = {n.strip().removeprefix("bench_") for n in args.only.split(",") if n.strip()}
+    if wanted:
+        found = [p for p in found if p.stem.removeprefix("bench_") in wanted]
+        if not found:
+            print(f"pyvmm bench: no script matches --only {args.only}", file=sys.stderr)
+            return 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pairs = paired_path(path)
+    path.unlink(missing_ok=True)  # a rerun under the same name starts afresh
+    pairs.unlink(missing_ok=True)
+    pyperf_args = (FAST_ARGS if args.fast else []) + extra
+    if args.cases:
+        pyperf_args += ["--cases", args.cases]
+    start = time.monotonic()
+    for script in found:
+        cmd = [sys.executable, str(script), "--quiet", "--append", str(path), *pyperf_args]
+        print(f"$ {' '.join(cmd)}", flush=True)
+        proc = subprocess.run(cmd, cwd=script.parent)
+        if proc.returncode != 0:
+            print(f"pyvmm bench: {script.name} failed (status {proc.returncode})",
+                  file=sys.stderr)
+            return 1
+        # pyvmm and C once more, alternating in one process: the ratios under equal load
+        part = pairs.with_name(f"{path.stem}.{script.stem}.part")
+        cmd = [sys.executable, str(script), "--paired", str(part)]
+        if args.cases:
+            cmd += ["--cases", args.cases]
+        print(f"$ {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd, cwd=script.parent).returncode != 0:
+            print(f"pyvmm bench: {script.name} --paired failed", file=sys.stderr)
+            return 1
+        merge_paired(pairs, part)
+    if not path.exists():
+        print(f"pyvmm bench: no benchmark ran (--cases {args.cases!r} matched none?)",
+              file=sys.stderr)
+        return 1
+    print(f"\nrun {path.stem} in {path} ({time.monotonic() - start:.0f} s); compare the runs "
+          f"in {path.parent} with `python -m pyperf compare_to {path.parent}/*.json`\n")
     return 0
 
 

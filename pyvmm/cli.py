@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, migrate-demo, nested, bench."""
+"""The `pyvmm` command: info, run, demo, migrate-demo, nested, bench, kut."""
 
 from __future__ import annotations
 
@@ -74,17 +74,28 @@ def cmd_info(args: argparse.Namespace) -> int:
         if kvm_module() == "kvm_pvm":
             print("\nNote: kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never forwards a "
                   "hypercall (VMCALL at CPL0 hangs KVM_RUN); guest CPL0 code is emulated, "
-                  "CPL3 code runs natively (shared/HOST.md).")
+                  "CPL3 code runs natively (docs/HOSTS.md in pyvmm's repository).")
     return 0
 
 
 def _parse_regs(pairs: list[str]) -> dict[str, int]:
+    from .structs import Regs
+
+    names = list(Regs().to_dict())
     regs = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
+        name = name.strip().lower()
         if not value:
-            raise SystemExit(f"--reg wants NAME=VALUE, got {pair!r}")
-        regs[name.strip().lower()] = int(value, 0)
+            raise ValueError(f"--reg wants NAME=VALUE, got {pair!r} (e.g. --reg rcx=1000)")
+        if name not in names:
+            raise ValueError(f"--reg {pair!r}: no register named {name!r}; the registers are "
+                             f"{', '.join(names)}")
+        try:
+            regs[name] = int(value, 0)
+        except ValueError:
+            raise ValueError(f"--reg {pair!r}: {value!r} is not a number (e.g. 1000, 0x3e8 or "
+                             "0b1111101000)") from None
     return regs
 
 
@@ -92,15 +103,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .machine import Machine
 
     with Machine(irqchip=args.irqchip) as machine:
-        machine.console_sink = lambda data: (sys.stdout.write(data.decode("utf-8", "replace")),
-                                             sys.stdout.flush())
+        def echo(data: bytes) -> None:
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+
+        machine.console_sink = echo
         payload = machine.load(args.payload, regs=_parse_regs(args.reg))
-        result = machine.run(timeout=args.timeout)
+        if args.gdb:
+            result = _run_under_gdb(machine, payload, args)
+        else:
+            result = machine.run(timeout=args.timeout)
         print(f"\n--- {payload.name} ({payload.mode}, entry {payload.entry:#x})")
         for report in result.reports:
             print(f"  {report}")
         print(result.summary())
         return 0 if result.ok else 1
+
+
+def _run_under_gdb(machine, payload, args: argparse.Namespace):
+    import shlex
+
+    from .gdb import GdbServer
+
+    try:
+        server = GdbServer(machine, args.gdb, arch=args.gdb_arch)
+    except ValueError as err:
+        raise SystemExit(f"pyvmm: --gdb: {err}") from None
+    with server:
+        host, port = server.address
+        print(f"pyvmm: gdb stub on {host}:{port} ({server.target_arch}); {payload.name} waits at "
+              f"its first instruction. Connect with:\n  "
+              f"{shlex.join(server.gdb_command(str(payload.elf_path)))}",
+              file=sys.stderr, flush=True)
+        return server.serve(detach_timeout=args.timeout)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -126,8 +161,70 @@ def cmd_nested(args: argparse.Namespace) -> int:
     return nested.main(args.rest)
 
 
+def cmd_kut(args: argparse.Namespace) -> int:
+    from .kut.command import main as kut_main
+
+    return kut_main(args)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _one_line(err: BaseException) -> str:
+    """An error as the one line the CLI prints: its message, with the errno where it has one."""
+    from .errors import KvmError
+
+    if isinstance(err, KvmError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        text = str(err.strerror)
+        if err.filename and str(err.filename) not in text:
+            text += f": {err.filename}"
+        return text
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix (a missing device, payload or tool, a bad argument):
+    one line, no traceback. Anything else is a bug and keeps its traceback."""
+    from .errors import KvmError, KvmUnavailable
+    from .guests.toolchain import ToolchainError
+
+    return (KvmUnavailable, KvmError, ToolchainError, FileNotFoundError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The `pyvmm` command. Errors the user can fix print one line (`pyvmm: ...`) and exit 2;
+    `pyvmm --debug ...` (or PYVMM_DEBUG=1) shows their tracebacks instead."""
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("PYVMM_DEBUG", "") not in ("", "0")
+    while argv[:1] == ["--debug"]:
+        debug = True
+        argv = argv[1:]
+    try:
+        return _main(argv, debug)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("pyvmm: interrupted", file=sys.stderr)
+        return 130
+    except _known_errors() as err:
+        if debug:
+            raise
+        print(f"pyvmm: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str], debug: bool) -> int:
     parser = argparse.ArgumentParser(prog="pyvmm", description="Drive KVM from Python.")
+    parser.add_argument("--version", action="version", version=f"pyvmm {_version()}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what this host's KVM can do, and why it matters")
@@ -140,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reg", action="append", default=[], metavar="NAME=VALUE",
                    help="set a register before the first instruction (e.g. rcx=1000)")
     p.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip")
+    p.add_argument("--gdb", metavar="[HOST:]PORT",
+                   help="wait for gdb on this address (loopback) before the first instruction")
+    p.add_argument("--gdb-arch", choices=("x86-64", "i386", "i8086"),
+                   help="the registers gdb sees (default: the mode the payload starts in)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="the doorbell harness: userspace exits vs ioeventfd")
@@ -160,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_nested)
 
-    argv = sys.argv[1:] if argv is None else argv
+    p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")
+    from .kut.command import add_arguments as kut_arguments
+
+    kut_arguments(p)
+    p.set_defaults(func=cmd_kut)
+
     if argv[:1] == ["nested"]:  # these parse their own options (before and after --)
         from .testing import nested
 
@@ -172,13 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="pyperf benchmarks against a C reference (see `pyvmm bench -h`)")
 
     args = parser.parse_args(argv)
-    from .errors import KvmUnavailable
-
-    try:
-        return args.func(args)
-    except KvmUnavailable as err:
-        print(f"pyvmm: {err.strerror}", file=sys.stderr)
-        return 2
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def hypercall_note() -> str:
                 "to a Python handler (CPL0 only: from CPL3 KVM answers -KVM_EPERM).")
     if kvm_module() == "kvm_pvm":
         return ("hypercall path: not on this host. kvm_pvm cannot deliver hypercalls to "
-                "userspace (VMCALL at CPL0 never returns; see shared/HOST.md). Stock KVM can: "
+                "userspace (VMCALL at CPL0 never returns; see docs/HOSTS.md). Stock KVM can: "
                 "run it inside `pyvmm nested`.")
     return f"hypercall path: not on this host: {why}."
 

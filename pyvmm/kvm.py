@@ -4,56 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi
 from .caps import Cap
-from .errors import ClosedError, KvmError, KvmUnavailable
+from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c, cpuid_vendor, grow_buffer, grow_cpuid
+from .errors import ClosedError, KvmError, KvmUnavailable, permission_advice
 
 if TYPE_CHECKING:
     from .vm import Vm
 
 API_VERSION = 12
-
-
-@dataclass(slots=True)
-class CpuidEntry:
-    """One CPUID leaf as KVM describes it (struct kvm_cpuid_entry2)."""
-
-    function: int
-    index: int = 0
-    flags: int = 0
-    eax: int = 0
-    ebx: int = 0
-    ecx: int = 0
-    edx: int = 0
-
-
-def cpuid_to_c(entries) -> object:
-    """A `struct kvm_cpuid2 *` holding `entries` (CpuidEntry objects or cdata entries)."""
-    entries = list(entries)
-    buf = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
-    for i, e in enumerate(entries):
-        c = buf.entries[i]
-        c.function, c.index, c.flags = e.function, e.index, e.flags
-        c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-    return buf
-
-
-def cpuid_from_c(buf) -> list[CpuidEntry]:
-    return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in (buf.entries[i] for i in range(buf.nent))]
-
-
-def cpuid_vendor(entries) -> str:
-    """The vendor string of CPUID leaf 0 in `entries` ("AuthenticAMD", ...), or ""."""
-    for entry in entries:
-        if entry.function == 0:
-            return b"".join(r.to_bytes(4, "little") for r in (entry.ebx, entry.edx, entry.ecx)
-                            ).decode("ascii", "replace")
-    return ""
 
 
 def _unavailable(path: str, err: OSError) -> KvmUnavailable:
@@ -62,8 +26,7 @@ def _unavailable(path: str, err: OSError) -> KvmUnavailable:
                "(`modprobe kvm_intel` or `modprobe kvm_amd`), enable virtualisation in the "
                "firmware, or, inside a VM, enable nested virtualisation on its host.")
     elif err.errno in (errno.EACCES, errno.EPERM):
-        why = (f"{path} exists but this user may not open it: add the user to the `kvm` group "
-               "(`sudo usermod -aG kvm $USER`, then log in again) or fix the device's mode.")
+        why = permission_advice(path)
     elif err.errno == errno.ENXIO or err.errno == errno.ENODEV:
         why = f"{path} has no driver behind it: load kvm_intel or kvm_amd."
     else:
@@ -71,6 +34,16 @@ def _unavailable(path: str, err: OSError) -> KvmUnavailable:
     exc = KvmUnavailable(err.errno, why)
     exc.filename = path
     return exc
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What a VM and its vCPUs take from the system handle when the VM is created."""
+
+    vcpu_mmap_size: int
+    max_vcpu_id: int
+    supported_cpuid_buffer: Callable[[], Any]   # the struct KVM_SET_CPUID2 takes, built once
+    cpu_vendor: Callable[[], str]               # "AuthenticAMD", "GenuineIntel", ...
 
 
 class Kvm:
@@ -120,18 +93,23 @@ class Kvm:
             self._mmap_size = io.ioctl(self.fileno(), io.KVM_GET_VCPU_MMAP_SIZE, role=self.role)
         return self._mmap_size
 
+    @property
+    def max_vcpus(self) -> int:
+        """How many vCPUs a VM may have (KVM_CAP_MAX_VCPUS, else the recommended NR_VCPUS)."""
+        return self.check_extension(Cap.MAX_VCPUS) or self.check_extension(Cap.NR_VCPUS) or 1
+
+    @property
+    def max_vcpu_id(self) -> int:
+        """The highest vCPU id plus one that KVM_CREATE_VCPU accepts (KVM_CAP_MAX_VCPU_ID,
+        else max_vcpus, as api.rst says)."""
+        return self.check_extension(Cap.MAX_VCPU_ID) or self.max_vcpus
+
     def _cpuid(self, request: int) -> list[CpuidEntry]:
-        nent = 128
-        while True:
-            buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
-            try:
-                io.ioctl(self.fileno(), request, buf, role=self.role)
-            except KvmError as err:
-                if err.errno == errno.E2BIG and nent < 4096:
-                    nent *= 2
-                    continue
-                raise
-            return cpuid_from_c(buf)
+        return cpuid_from_c(grow_cpuid(lambda buf: self.ioctl(request, buf)))
+
+    def ioctl(self, request: int, arg: object = 0, detail: str | None = None) -> int:
+        """One ioctl on the system fd (KvmError on failure)."""
+        return io.ioctl(self.fileno(), request, arg, self.role, detail)
 
     def supported_cpuid(self) -> list[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID: what a guest may be given with `vcpu.set_cpuid()`.
@@ -165,23 +143,23 @@ class Kvm:
 
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
-        n = 256
-        while True:
-            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
-            try:
-                io.ioctl(self.fileno(), io.KVM_GET_MSR_INDEX_LIST, buf, role=self.role)
-            except KvmError as err:
-                if err.errno == errno.E2BIG and n < 65536:
-                    n *= 4
-                    continue
-                raise
-            return [buf.indices[i] for i in range(buf.nmsrs)]
+        buf = grow_buffer(lambda n: ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n}),
+                          lambda b: self.ioctl(io.KVM_GET_MSR_INDEX_LIST, b), 256, 65536)
+        return [buf.indices[i] for i in range(buf.nmsrs)]
 
     def create_vm(self, vm_type: int = 0) -> Vm:
+        """KVM_CREATE_VM. The Vm gets what its vCPUs need from this handle now (the kvm_run
+        size, the vCPU id limit, CPUID providers); it never calls back here."""
         from .vm import Vm
 
-        fd = io.ioctl(self.fileno(), io.KVM_CREATE_VM, vm_type, role=self.role)
-        return Vm(self, fd)
+        mmap_size, max_id = self.vcpu_mmap_size, self.max_vcpu_id
+        fd = self.ioctl(io.KVM_CREATE_VM, vm_type)
+        try:
+            return Vm(fd, VmConfig(mmap_size, max_id, self.supported_cpuid_buffer,
+                                   lambda: self.cpu_vendor), kvm=self)
+        except BaseException:
+            os.close(fd)
+            raise
 
     @property
     def closed(self) -> bool:

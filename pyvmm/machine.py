@@ -3,93 +3,49 @@ loop that runs a guest payload to its end."""
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import IntEnum
-from typing import Any
 
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
 from .errors import ClosedError
-from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
+from .exits import Exit
 from .ioevent import IoEventAddress
+from .kick import check_timeout
 from .kvm import Kvm
-from .vcpu import Vcpu, watchdog
+from .runloop import MAX_CONSOLE, MAX_REPORTS
+from .runloop import STOPS as _STOPS
+from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
+from .vcpu import Vcpu
+from .vcpu_state import MpState
 
-#: How a run ended.
-STOPS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped", "closed", "unhandled",
-         "error")
-
-
-@dataclass
-class RunResult:
-    """What `Machine.run()` saw. `stop` is one of STOPS; `status` is the guest's DONE value."""
-
-    stop: str
-    status: int | None = None
-    exits: Counter = field(default_factory=Counter)
-    console: str = ""
-    reports: list = field(default_factory=list)
-    duration: float = 0.0
-    vcpu: int | None = None
-    last_exit: Exit | None = None
-    event: Any = None
-    error: BaseException | None = None
-    exits_per_vcpu: dict = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.stop == "done" and self.status == 0
-
-    @property
-    def values(self) -> list[int]:
-        return [r.value for r in self.reports]
-
-    def summary(self) -> str:
-        lines = [f"stop: {self.stop}" + (f" (status {self.status})" if self.status is not None
-                                         else "") + f" after {self.duration * 1e3:.1f} ms"]
-        if self.event is not None and self.stop in ("fail", "fault", "unhandled"):
-            lines.append(f"  {self.event}")
-        if self.error is not None:
-            lines.append(f"  error on vCPU {self.vcpu}: {self.error!r}")
-        total = sum(self.exits.values())
-        lines.append(f"exits: {total}" + "".join(f"\n  {name:<18} {n}" for name, n in
-                                                sorted(self.exits.items(),
-                                                       key=lambda kv: -kv[1])))
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-UCALL_PORTS = range(0xE9, 0xEE)
+#: How a run ended (kept here for older imports: the run loop owns them).
+STOPS = _STOPS
 
 #: The stack each vCPU gets below the previous one's in a host-set SMP start.
 AP_STACK_SIZE = 0x1000
 
 
-class MpState(IntEnum):
-    """KVM_GET/SET_MP_STATE values (x86). With the in-kernel irqchip the APs (vCPUs 1 and
-    up) start UNINITIALIZED and wait in KVM_RUN for INIT and SIPI; set RUNNABLE to start one
-    from the host instead."""
+ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 
-    RUNNABLE = 0
-    UNINITIALIZED = 1
-    INIT_RECEIVED = 2
-    HALTED = 3
-    SIPI_RECEIVED = 4
-    STOPPED = 5
-    CHECK_STOP = 6
-    OPERATING = 7
-    LOAD = 8
-    AP_RESET_HOLD = 9
-    SUSPENDED = 10
+__all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-ExitHandler = Callable[[Exit, Vcpu], Any]
+def _count(what: str, value: object) -> int:
+    """`value` as a count: what operator.index accepts (not bool), >= 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, not {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, not {type(value).__name__} "
+                         f"{value!r}") from None
+    if n < 0:
+        raise ValueError(f"{what} must be >= 0, not {n}")
+    return n
 
 
 class Machine:
@@ -106,32 +62,42 @@ class Machine:
 
     def __init__(self, *, vcpus: int = 1, memory_size: int | None = None, irqchip: bool = False,
                  kvm: Kvm | None = None, serial: bool = True) -> None:
+        count = _count("vcpus", vcpus)
+        # Everything close() looks at exists before anything can fail.
         self._own_kvm = kvm is None
+        self.kvm: Kvm | None = None
+        self.vm = None
+        self.vcpus: list[Vcpu] = []
+        self.doorbells: list[Doorbell] = []
+        self.interrupts: list[Interrupt] = []
+        self._worker: DoorbellWorker | None = None
+        self._control = RunControl()
         self.kvm = kvm if kvm is not None else Kvm()
         try:
+            limit = self.kvm.max_vcpus
+            if count > limit:
+                raise ValueError(f"Machine(vcpus={count}): this KVM allows at most {limit} "
+                                 "vCPUs per VM (KVM_CAP_MAX_VCPUS)")
             self.vm = self.kvm.create_vm()
             self.irqchip = irqchip
             if irqchip:
                 self.vm.create_irqchip()
-            self.vcpus: list[Vcpu] = [self.vm.create_vcpu() for _ in range(vcpus)]
+            self.vcpus = [self.vm.create_vcpu() for _ in range(count)]
             self.pio = PioBus()
             self.mmio = MmioBus()
             self.exit_handlers: dict[type, ExitHandler] = {}
-            self.doorbells: list[Doorbell] = []
-            self.interrupts: list[Interrupt] = []
             self._msi_routes: dict[int, tuple[int, int]] = {}
-            self._worker: DoorbellWorker | None = None
-            self._console = bytearray()
-            self.console_sink: Callable[[bytes], None] | None = None
+            #: Reports a run keeps (RunResult.dropped_reports counts the rest).
+            self.max_reports = MAX_REPORTS
+            self._console = ConsoleBuffer(MAX_CONSOLE)
             self.serial = None
             if serial:
-                self.serial = SerialConsole(sink=self._console_write)
+                self.serial = SerialConsole(sink=self._console.write)
                 self.pio.register(COM1, SerialConsole.length, self.serial)
             self.payload = None
-            self._stop_reason: str | None = None
             self._running = False
-            self._generation = 0
             self._lock = threading.Lock()
+            self._control = RunControl(self.vcpus)
             if memory_size:
                 self.vm.add_memory(0, memory_size)
         except BaseException:
@@ -145,14 +111,31 @@ class Machine:
     def add_memory(self, guest_addr: int, size: int, **kwargs):
         return self.vm.add_memory(guest_addr, size, **kwargs)
 
-    def _console_write(self, data: bytes) -> None:
-        self._console += data
-        if self.console_sink is not None:
-            self.console_sink(data)
+    @property
+    def console_sink(self) -> Callable[[bytes], None] | None:
+        """Called with every console byte as it comes (serial and the ucall console port)."""
+        return self._console.sink
+
+    @console_sink.setter
+    def console_sink(self, sink: Callable[[bytes], None] | None) -> None:
+        self._console.sink = sink
+
+    @property
+    def max_console(self) -> int:
+        """Console bytes a run keeps: the last ones (RunResult.dropped_console counts the
+        rest)."""
+        return self._console.limit
+
+    @max_console.setter
+    def max_console(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_console must be an int >= 0, not {limit!r}")
+        self._console.limit = limit
 
     @property
     def console(self) -> str:
-        return self._console.decode("utf-8", "replace")
+        """The console output of the current (or last) run, as text."""
+        return self._console.getvalue().decode("utf-8", "replace")
 
     # -- payloads ------------------------------------------------------------------------
 
@@ -270,89 +253,96 @@ class Machine:
 
     # -- running -------------------------------------------------------------------------
 
-    def stop(self, reason: str = "stopped") -> None:
+    def stop(self, reason: str = Stop.STOPPED, *, status: int | None = None) -> None:
         """End the run() in progress, or the next one if none is, from any thread (a device
-        callback, a signal handler, a timer)."""
-        with self._lock:
-            if self._stop_reason is None:
-                self._stop_reason = reason
-        for vcpu in self.vcpus:
-            vcpu.kick()
-
-    def _timeout(self, generation: int) -> None:
-        # A deadline applies to the run() that armed it only, never to a later one.
-        with self._lock:
-            if generation != self._generation or not self._running:
-                return
-        self.stop("timeout")
+        callback, a signal handler, a timer). `status` becomes `RunResult.status`."""
+        self._control.stop(reason, status=status)
 
     def run(self, timeout: float | None = 10.0, *, vcpus: list[int] | None = None) -> RunResult:
         """Run the vCPUs (vCPU 0 in this thread when it is the only one; one thread each
-        otherwise) until the guest is done, fails, stops, or `timeout` seconds pass."""
-        selected = [self.vcpus[i] for i in (vcpus if vcpus is not None else
-                                            range(len(self.vcpus)))]
+        otherwise) until the guest is done, fails, stops, or `timeout` seconds pass.
+
+        A device or handler exception ends the run as "error" (`result.error`, with its vCPU
+        in `result.vcpu`) and stops the other vCPUs. A KeyboardInterrupt or SystemExit
+        raised on any vCPU thread stops every vCPU and, once all of them are joined, is
+        raised again here: it asks the process to stop, which a result would hide."""
+        timeout = check_timeout(timeout)
+        ids = list(range(len(self.vcpus))) if vcpus is None else list(vcpus)
+        if not ids:
+            raise ValueError("nothing to run: this machine has no vCPU" if not self.vcpus
+                             else "nothing to run: vcpus=[] selects no vCPU")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.vcpus):
+                raise ValueError(f"vcpus: {i!r} is not the index of one of this machine's "
+                                 f"{len(self.vcpus)} vCPUs")
+        selected = [self.vcpus[i] for i in ids]
         with self._lock:
             if self._running:
                 raise RuntimeError("this machine is already running")
             self._running = True
-            self._generation += 1
-            generation = self._generation
+            control = self._control
         self._console.clear()
-        result = RunResult(stop="stopped")
-        start = time.perf_counter()
-        # pyvmm's one watchdog thread serves the deadline: no thread is started per run.
-        token = (watchdog.arm(lambda _token: self._timeout(generation), timeout)
-                 if timeout is not None else None)
+        result = RunResult(stop=Stop.STOPPED)
+        started = time.monotonic()
         try:
+            control.arm(timeout)
             if len(selected) == 1:
-                outcomes = {selected[0].id: self._run_vcpu(selected[0], result)}
+                outcome = self._run_one(selected[0], control, result, result.exits)
             else:
-                outcomes = self._run_threads(selected, result)
+                outcome = self._run_threads(selected, control, result)
         finally:
-            if token is not None:
-                watchdog.disarm(token)
+            control.disarm()
             with self._lock:
                 self._running = False
-                self._stop_reason = None  # a stop() from now on is for the next run
-        result.duration = time.perf_counter() - start
+                self._control = RunControl(self.vcpus)  # a stop() from now on: the next run
         for bell in self.doorbells:
             # Rings the worker has not picked up yet: counted, and their callbacks run (one
             # batch at a time with the worker's), so the result accounts for every ring.
             bell._drain(deliver=True)
-        self._merge(result, outcomes)
-        result.console = self.console
+        finish(result, outcome, control, started, self._console)
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = self._worker.errors[0][1]
+        if result.error is not None and not isinstance(result.error, Exception):
+            result.error.add_note(f"pyvmm: raised on vCPU {result.vcpu} in Machine.run(); "
+                                  "every vCPU was stopped and joined first")
+            raise result.error
         return result
 
-    def _run_threads(self, selected: list[Vcpu], result: RunResult) -> dict:
+    def _run_one(self, vcpu: Vcpu, control: RunControl, result: RunResult,
+                 counts: Counter) -> Outcome:
+        per_vcpu: Counter = Counter()
+        result.exits_per_vcpu[vcpu.id] = per_vcpu
+        try:
+            outcome = run_vcpu(vcpu, control, result, console=self._console, counts=per_vcpu,
+                               io=self.pio.handle_io, mmio=self.mmio.handle_mmio,
+                               handlers=self.exit_handlers, max_reports=self.max_reports)
+        finally:
+            counts.update(per_vcpu)
+        outcome.vcpu = vcpu.id
+        return outcome
+
+    def _run_threads(self, selected: list[Vcpu], control: RunControl,
+                     result: RunResult) -> Outcome:
         """One thread per vCPU, each in its own exit loop on its own fd. A vCPU's DONE ends
-        only that vCPU; the first failure (in time) stops the others, and `_merge` reports
-        it with its vCPU id. Every thread is joined before this returns."""
-        outcomes: dict[int, tuple] = {}
-        parts: dict[int, RunResult] = {}
-        first: list[int] = []
-        first_lock = threading.Lock()
+        only that vCPU; the first failure (in time) stops the others and is the run's
+        outcome. Every thread is joined before this returns."""
+        outcomes: dict[int, Outcome] = {}
+        counts = {v.id: Counter() for v in selected}
+        first: list[Outcome] = []
 
-        def body(vcpu: Vcpu, part: RunResult) -> None:
-            outcome = self._run_vcpu(vcpu, part)
-            outcomes[vcpu.id] = outcome
-            if outcome[0] not in ("done", "timeout", "stopped"):
-                with first_lock:
-                    # A vCPU that ended because of an earlier failure's stop() comes later.
-                    if not first and (self._stop_reason is None or outcome[2] is not None
-                                      or outcome[4] is not None):
-                        first.append(vcpu.id)
-                self.stop(outcome[0])  # the first failure ends the others
+        def body(vcpu: Vcpu) -> None:
+            outcome = Outcome(Stop.ERROR, vcpu=vcpu.id)
+            try:
+                outcome = self._run_one(vcpu, control, result, counts[vcpu.id])
+            finally:
+                outcomes[vcpu.id] = outcome
+                if outcome.stop not in (Stop.DONE, Stop.TIMEOUT, Stop.STOPPED, Stop.CLOSED):
+                    # The first to set the reason failed first; the others ended because of it.
+                    if control.stop(outcome.stop, status=outcome.status):
+                        first.append(outcome)
 
-        for vcpu in selected:
-            # Each thread counts its exits in its own Counter (merged below, exactly);
-            # reports and the per-vCPU counters go straight to the shared result.
-            part = RunResult(stop="stopped", reports=result.reports,
-                             exits_per_vcpu=result.exits_per_vcpu)
-            parts[vcpu.id] = part
-        threads = [threading.Thread(target=body, args=(v, parts[v.id]),
-                                    name=f"pyvmm-vcpu{v.id}") for v in selected]
+        threads = [threading.Thread(target=body, args=(v,), name=f"pyvmm-vcpu{v.id}")
+                   for v in selected]
         try:
             for t in threads:
                 t.start()
@@ -360,139 +350,88 @@ class Machine:
                 t.join()
         except BaseException:
             # Interrupted (KeyboardInterrupt): end every vCPU thread before going on.
-            self.stop("stopped")
+            control.stop(Stop.STOPPED)
             for t in threads:
-                if t.is_alive() or t.ident is not None:
+                if t.ident is not None:
                     t.join()
             raise
         finally:
-            for part in parts.values():
-                result.exits.update(part.exits)
-        self._first_failure = first[0] if first else None
-        return outcomes
+            for c in counts.values():
+                result.exits.update(c)
+        return self._merge(first[0] if first else None, outcomes)
 
-    def _merge(self, result: RunResult, outcomes: dict) -> None:
-        # The run's stop is the first failure in time when there was one (threaded runs),
-        # else the first non-"done" outcome by vCPU id, else done (with the first non-zero
-        # status, if a vCPU finished with one).
-        first, self._first_failure = getattr(self, "_first_failure", None), None
-        chosen = None
-        if first is not None and first in outcomes:
-            chosen = (first, outcomes[first])
-        for vcpu_id in sorted(outcomes):
-            if chosen is not None:
-                break
-            outcome = outcomes[vcpu_id]
-            if outcome[0] != "done":
-                chosen = (vcpu_id, outcome)
-        if chosen is None:
-            vcpu_id = next((i for i in sorted(outcomes) if outcomes[i][1]), min(outcomes))
-            chosen = (vcpu_id, outcomes[vcpu_id])
-        vcpu_id, (stop, status, event, last_exit, error) = chosen
-        # Detached copies: the live exits view the vCPU's kvm_run page, and a result that
-        # outlives the machine must not keep that mapping (and the kernel's VM) alive.
-        if isinstance(event, Exit):
-            event = event.detached()
-        if last_exit is not None:
-            last_exit = last_exit.detached()
-        result.stop, result.status, result.event = stop, status, event
-        result.last_exit, result.error, result.vcpu = last_exit, error, vcpu_id
-
-    def _run_vcpu(self, vcpu: Vcpu, result: RunResult) -> tuple:
-        """The exit loop of one vCPU: (stop, status, event, last_exit, error)."""
-        from .guests import ucall
-
-        counts: Counter = Counter()
-        result.exits_per_vcpu[vcpu.id] = counts
-        pio, mmio, handlers = self.pio, self.mmio, self.exit_handlers
-        handle_io, handle_mmio, run = pio.handle_io, mmio.handle_mmio, vcpu.run
-        ucall_ports = UCALL_PORTS
-        # The two hot exits are counted in locals and folded into `counts` when the loop
-        # ends (their keys are still created at their first occurrence, in exit order).
-        n_io = n_mmio = 0
-        ex: Exit | None = None
-        try:
-            while True:
-                if self._stop_reason is not None:
-                    return (self._stop_reason, None, None, ex, None)
-                ex = run()
-                cls = type(ex)
-                if cls is IoExit:
-                    n_io += 1
-                    if n_io == 1:
-                        counts["IoExit"] += 0
-                    if ex.port in ucall_ports:
-                        event = ucall.decode(ex, vcpu)
-                        if event is None:
-                            handle_io(ex)
-                        elif isinstance(event, ucall.ConsoleOutput):
-                            self._console_write(event.data)
-                        elif isinstance(event, ucall.Report):
-                            result.reports.append(event)
-                        else:
-                            stop, status = ucall.outcome(event)
-                            return (stop, status, event, ex, None)
-                    else:
-                        handle_io(ex)
-                    continue
-                if cls is MmioExit:
-                    n_mmio += 1
-                    if n_mmio == 1:
-                        counts["MmioExit"] += 0
-                    handle_mmio(ex)
-                    continue
-                counts[cls.__name__] += 1
-                if cls is IntrExit:
-                    continue  # a kick: the loop head sees why
-                elif cls is HltExit:
-                    return ("hlt", None, None, ex, None)
-                elif cls is ShutdownExit:
-                    return ("shutdown", None, None, ex, None)
-                else:
-                    handler = handlers.get(cls)
-                    if handler is None:
-                        return ("unhandled", None, ex, ex, None)
-                    stop = handler(ex, vcpu)
-                    if stop is not None:
-                        return (stop, None, ex, ex, None)
-        except Exception as err:  # a device model bug ends this run, not the host process
-            return ("error", None, None, ex, err)
-        finally:
-            if n_io:
-                counts["IoExit"] += n_io
-            if n_mmio:
-                counts["MmioExit"] += n_mmio
-            for name, n in counts.items():
-                result.exits[name] += n
+    @staticmethod
+    def _merge(first: Outcome | None, outcomes: dict[int, Outcome]) -> Outcome:
+        # The run's outcome is the first failure in time when there was one, else the first
+        # non-"done" outcome by vCPU id, else done (with the first non-zero status, if a vCPU
+        # finished with one).
+        if first is not None:
+            return first
+        ordered = [outcomes[i] for i in sorted(outcomes)]
+        for outcome in ordered:
+            if outcome.stop != Stop.DONE:
+                return outcome
+        return next((o for o in ordered if o.status), ordered[0])
 
     # -- lifetime ------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop the doorbell worker, remove doorbells and interrupts, close the VM (and its
         vCPUs and memory) and, if this machine opened it, /dev/kvm. Idempotent; from another
-        thread it first stops a run() in progress."""
-        if getattr(self, "vcpus", None):
-            self.stop("closed")
-        for bell in getattr(self, "doorbells", []):
-            bell.remove()
-        worker = getattr(self, "_worker", None)
+        thread it first stops a run() in progress. Every step runs even when an earlier one
+        fails (the VM is always closed); the first failure is raised at the end."""
+        errors: list[BaseException] = []
+
+        def step(fn: Callable[[], object]) -> None:
+            try:
+                fn()
+            except Exception as err:
+                errors.append(err)
+
+        if self.vcpus:
+            step(lambda: self.stop(Stop.CLOSED))
+        for bell in self.doorbells:
+            step(bell.remove)
+        worker, self._worker = self._worker, None
         if worker is not None:
-            worker.close()
-            self._worker = None
-        for irq in getattr(self, "interrupts", []):
-            irq.close()
+            step(worker.close)
+        for irq in self.interrupts:
+            step(irq.close)
+        if self.vm is not None:
+            step(self.vm.close)
+        if self._own_kvm and self.kvm is not None:
+            step(self.kvm.close)
+        if errors:
+            raise errors[0]
+
+    def __del__(self) -> None:
+        # A machine dropped without close(): its worker thread, doorbells, interrupts and VM
+        # go with it (the worker would otherwise keep the VM and its RAM alive forever).
         try:
-            if getattr(self, "vm", None) is not None:
-                self.vm.close()
-        finally:
-            if self._own_kvm and getattr(self, "kvm", None) is not None:
-                self.kvm.close()
+            if self.vm is not None and not self.vm.closed:
+                self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- loaders --
+    def load_multiboot(self, path, *, cmdline: str = "", modules=(), **kwargs):
+        """Load a Multiboot v1 kernel (ELF32) into RAM and set vCPU 0 at its entry in 32-bit
+        protected mode (EAX=0x2BADB002, EBX=the information structure); see
+        `pyvmm.loaders.multiboot.load_multiboot`. The other vCPUs are left for the guest
+        to start (INIT/SIPI)."""
+        from .loaders.multiboot import load_multiboot
+
+        info = load_multiboot(self, path, cmdline=cmdline, modules=modules, **kwargs)
+        for vcpu in self.vcpus[1:]:
+            if not vcpu.cpuid_set:
+                vcpu.set_supported_cpuid()
+        return info
 
     # -- x86 state --
     # Thin faces of pyvmm.snapshot (the file format and the work live there).

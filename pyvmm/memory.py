@@ -1,29 +1,40 @@
-"""Guest memory: anonymous host mappings registered as KVM memslots, and accessors that find
-the region behind a guest-physical address."""
+"""Guest memory: anonymous host mappings registered as KVM memslots (slot allocation, aliases,
+remove guards), and accessors that find the region behind a guest-physical address."""
 
 from __future__ import annotations
 
 import bisect
 import mmap
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from ._ffi import address_of, ffi
-from .errors import ClosedError
-
-if TYPE_CHECKING:
-    from .vm import Vm
+from .caps import Cap
+from .errors import ClosedError, MissingCapability
 
 PAGE_SIZE = 4096
+KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_MEM_READONLY = 2
+
+#: set_slot(kernel_slot, flags, guest_addr, size, host_addr): KVM_SET_USER_MEMORY_REGION.
+SetSlot = Callable[[int, int, int, int, int], None]
+
+
+class DirtyBitmap(bytes):
+    """KVM's dirty bitmap of one region: bit n set = page n was written since the last read."""
+
+    def pages(self) -> list[int]:
+        return [i * 8 + b for i, byte in enumerate(self) if byte for b in range(8)
+                if byte >> b & 1]
 
 
 class MemoryRegion:
     """One memslot: `size` bytes of host memory seen by the guest at `guest_addr`."""
 
-    def __init__(self, vm: Vm, slot: int, guest_addr: int, size: int, *, readonly: bool,
-                 log_dirty: bool, address_space: int,
+    def __init__(self, owner: GuestMemory, slot: int, guest_addr: int, size: int, *,
+                 readonly: bool, log_dirty: bool, address_space: int,
                  alias_of: MemoryRegion | None = None, offset: int = 0) -> None:
-        self.vm = vm
+        self.owner = owner      # the GuestMemory it belongs to
         self.slot = slot
         self.guest_addr = guest_addr
         self.size = size
@@ -34,7 +45,7 @@ class MemoryRegion:
         # space too, as QEMU does): it shares that mapping and never unmaps it.
         self.alias_of = alias_of
         self.aliases: list[MemoryRegion] = []
-        self._offset = offset
+        self.offset = offset    # into alias_of's host memory (0 for a region of its own)
         self.closed = False
         if alias_of is not None:
             self._map = alias_of._map
@@ -74,10 +85,12 @@ class MemoryRegion:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"range {offset:#x}+{length:#x} is outside the region of "
                              f"{self.size:#x} bytes")
-        start = self._offset + offset
+        start = self.offset + offset
         return memoryview(self._map)[start: start + length]
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Unmap the host memory (an alias only detaches). For GuestMemory: the memslot must
+        be gone first."""
         if self.closed:
             return
         self.closed = True
@@ -93,43 +106,157 @@ class MemoryRegion:
     def __repr__(self) -> str:
         flags = "".join(("r" if self.readonly else "w", "d" if self.log_dirty else "-"))
         alias = (f", alias of as={self.alias_of.address_space} "
-                 f"gpa={self.alias_of.guest_addr + self._offset:#x}" if self.alias_of else "")
+                 f"gpa={self.alias_of.guest_addr + self.offset:#x}" if self.alias_of else "")
         return (f"MemoryRegion(slot={self.slot}, as={self.address_space}, "
                 f"gpa={self.guest_addr:#x}-{self.end:#x}, {flags}{alias})")
 
 
 class GuestMemory:
-    """All memory regions of a VM, by address space; reads and writes by guest-physical
-    address, across adjacent regions."""
+    """All memory regions of a VM, by address space: the memslot allocator, aliases and
+    remove guards, and reads and writes by guest-physical address, across adjacent regions.
+    `set_slot` is the VM's KVM_SET_USER_MEMORY_REGION; `slot_limit()` and
+    `address_spaces()` its KVM_CAP_NR_MEMSLOTS and KVM_CAP_MULTI_ADDRESS_SPACE."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, set_slot: SetSlot | None = None,
+                 slot_limit: Callable[[], int] = lambda: 32,
+                 address_spaces: Callable[[], int] = lambda: 1) -> None:
+        self._lock = threading.RLock()
         # address space -> regions sorted by guest_addr
         self._spaces: dict[int, list[MemoryRegion]] = {}
+        self._slots_used: dict[int, set[int]] = {}
+        self._set_slot = set_slot
+        self._slot_limit = slot_limit
+        self._address_spaces = address_spaces
+        self._remove_guards: list[Callable[[MemoryRegion], str | None]] = []
         self.closed = False
 
     def regions(self, address_space: int | None = None) -> list[MemoryRegion]:
+        """The live regions (of one address space, or all), by address."""
         if address_space is None:
             return [r for space in sorted(self._spaces) for r in self._spaces[space]]
         return list(self._spaces.get(address_space, ()))
 
     def overlapping(self, guest_addr: int, size: int, address_space: int) -> MemoryRegion | None:
+        """A region of `address_space` that overlaps guest_addr+size, or None."""
         for region in self._spaces.get(address_space, ()):
             if region.guest_addr < guest_addr + size and guest_addr < region.end:
                 return region
         return None
 
-    def _add(self, region: MemoryRegion) -> None:
-        with self._lock:
-            space = self._spaces.setdefault(region.address_space, [])
-            keys = [r.guest_addr for r in space]
-            space.insert(bisect.bisect(keys, region.guest_addr), region)
+    def owns(self, region: MemoryRegion) -> bool:
+        """Whether `region` is a live region of this memory."""
+        return region.owner is self and not region.closed
 
-    def _remove(self, region: MemoryRegion) -> None:
+    # -- memslots ------------------------------------------------------------------------
+
+    def add(self, guest_addr: int, size: int, *, readonly: bool = False,
+            log_dirty: bool = False, address_space: int = 0,
+            alias_of: MemoryRegion | None = None, offset: int = 0) -> MemoryRegion:
+        """A new memslot: fresh host memory, or (`alias_of`) `size` bytes of that region's
+        host memory from `offset`. Checks every argument before any ioctl."""
+        if guest_addr < 0 or guest_addr % PAGE_SIZE:
+            raise ValueError(f"guest address {guest_addr:#x} is not page-aligned (4 KiB)")
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"memory size {size:#x} is not a positive multiple of 4 KiB")
+        if guest_addr + size > 1 << 52:
+            raise ValueError(f"region {guest_addr:#x}+{size:#x} ends beyond the 52-bit "
+                             "guest-physical space")
+        if address_space < 0:
+            raise ValueError("address space must be >= 0")
+        if address_space > 0 and address_space >= max(self._address_spaces(), 1):
+            spaces = max(self._address_spaces(), 1)
+            raise MissingCapability(
+                Cap.MULTI_ADDRESS_SPACE, "KVM_SET_USER_MEMORY_REGION", "vm",
+                f"address space {address_space} needs {address_space + 1} address spaces, "
+                f"this VM has {spaces} (SMRAM needs stock KVM with SMM: try `pyvmm nested`)")
+        flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty
+                                                         else 0)
         with self._lock:
-            space = self._spaces.get(region.address_space, [])
-            if region in space:
-                space.remove(region)
+            if self.closed:
+                raise ClosedError("the VM is closed: its memory is gone")
+            other = self.overlapping(guest_addr, size, address_space)
+            if other is not None:
+                raise ValueError(f"region {guest_addr:#x}+{size:#x} overlaps {other!r}")
+            used = self._slots_used.setdefault(address_space, set())
+            slot = next(i for i in range(len(used) + 1) if i not in used)
+            if slot >= self._slot_limit():
+                raise ValueError(f"no free memslot: KVM allows {self._slot_limit()}")
+            region = MemoryRegion(self, slot, guest_addr, size, readonly=readonly,
+                                  log_dirty=log_dirty, address_space=address_space,
+                                  alias_of=alias_of, offset=offset)
+            try:
+                if self._set_slot is not None:
+                    self._set_slot(region.kernel_slot, flags, guest_addr, size,
+                                   region.host_addr)
+            except BaseException:
+                region.release()
+                raise
+            used.add(slot)
+            space = self._spaces.setdefault(address_space, [])
+            keys = [r.guest_addr for r in space]
+            space.insert(bisect.bisect(keys, guest_addr), region)
+            if alias_of is not None:
+                alias_of.aliases.append(region)
+            return region
+
+    def alias(self, region: MemoryRegion, guest_addr: int | None = None, *, offset: int = 0,
+              size: int | None = None, address_space: int = 1,
+              readonly: bool = False) -> MemoryRegion:
+        """`size` bytes of `region`'s host memory, from `offset`, shown at `guest_addr` (by
+        default where they are in `region`) in another address space."""
+        if not self.owns(region) or region.alias_of is not None:
+            raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
+        if offset < 0 or offset % PAGE_SIZE:
+            raise ValueError(f"alias offset {offset:#x} is not page-aligned")
+        size = region.size - offset if size is None else size
+        if size <= 0 or offset + size > region.size:
+            raise ValueError(f"alias {offset:#x}+{size:#x} is outside {region!r}")
+        if guest_addr is None:
+            guest_addr = region.guest_addr + offset
+        return self.add(guest_addr, size, readonly=readonly, address_space=address_space,
+                        alias_of=region, offset=offset)
+
+    def add_remove_guard(self, guard: Callable[[MemoryRegion], str | None]
+                         ) -> Callable[[MemoryRegion], str | None]:
+        """`guard(region)` is asked before `remove(region)`; a string it returns is the
+        reason the removal is refused (a device still using the region's pages)."""
+        if not callable(guard):
+            raise TypeError("a remove guard must be callable")
+        with self._lock:
+            self._remove_guards.append(guard)
+        return guard
+
+    def remove(self, region: MemoryRegion) -> None:
+        """Delete the memslot and release its host memory (after its aliases and guards)."""
+        with self._lock:
+            if not self.owns(region):
+                raise ValueError(f"{region!r} is not a live region of this VM")
+            if region.aliases:
+                raise ValueError(f"{region!r} is still shown by {len(region.aliases)} alias(es): "
+                                 "remove them first")
+            for guard in self._remove_guards:
+                reason = guard(region)
+                if reason:
+                    raise ValueError(f"{region!r} cannot be removed: {reason}")
+            if self._set_slot is not None:
+                self._set_slot(region.kernel_slot, 0, region.guest_addr, 0, 0)
+            self._forget(region)
+            region.release()
+
+    def _forget(self, region: MemoryRegion) -> None:
+        space = self._spaces.get(region.address_space, [])
+        if region in space:
+            space.remove(region)
+        self._slots_used.get(region.address_space, set()).discard(region.slot)
+
+    def release_all(self) -> None:
+        """Once the VM fd is closed (the kernel dropped the memslots): release every region's
+        host memory; the memory is closed from now on."""
+        with self._lock:
+            for region in self.regions():
+                self._forget(region)
+                region.release()
+            self.closed = True
 
     def find(self, gpa: int, address_space: int = 0) -> MemoryRegion | None:
         """The region holding `gpa`, or None."""

@@ -4,13 +4,14 @@ of 16-bit code with GNU as, and put a vCPU into real mode at a load address.
 
 Real mode keeps the guests tiny: CS base 0, IP = LOAD, flat 64 KiB addressable through segment
 registers that are all 0 unless a test says otherwise. Guest code at CPL0 is emulated one
-instruction at a time on kvm_pvm (HOST.md), so every guest here is a handful of instructions.
+instruction at a time on kvm_pvm (docs/HOSTS.md), so every guest here is a handful of instructions.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm import Kvm, KvmError, KvmUnavailable, exits
+from pyvmm import Kvm, KvmError, KvmUnavailable
+from pyvmm.runloop import ConsoleBuffer, RunControl, RunResult, Stop, run_vcpu
 
 LOAD = 0x1000        # where guest code is placed and starts
 STACK = 0x7000       # initial SP
@@ -122,20 +124,37 @@ def guest(vm, source: str, *, mem_size: int = MEM_SIZE, **regs):
 
 
 def run_to(vcpu, kind, *, limit: int = 50, handler=None, timeout: float = 5.0):
-    """Run until an exit of type `kind`; other exits go to `handler(exit)` (or fail the test).
-    Returns (the exit of type kind, list of the other exits)."""
+    """Run (on pyvmm's run loop, with the ucall ports off) until an exit of type `kind`;
+    other exits go to `handler(exit)` (or fail the test). Returns (the exit of type kind,
+    list of the other exits)."""
     seen = []
-    for _ in range(limit):
-        ex = vcpu.run(timeout=timeout)
+
+    def on_exit(ex, _vcpu):
         if isinstance(ex, kind):
-            return ex, seen
-        if isinstance(ex, exits.IntrExit) and ex.timed_out:
-            pytest.fail(f"guest did not reach {kind.__name__} within {timeout}s; saw {seen}")
+            return Stop.DONE
         if handler is None:
             pytest.fail(f"unexpected exit {ex!r} before {kind.__name__}; earlier: {seen}")
         handler(ex)
         seen.append(ex)
-    pytest.fail(f"no {kind.__name__} within {limit} exits: {seen[-5:]}")
+        return None
+
+    control = RunControl([vcpu])
+    control.arm(timeout)
+    try:
+        out = run_vcpu(vcpu, control, RunResult(), console=ConsoleBuffer(), counts=Counter(),
+                       default=on_exit, max_exits=limit, ucall_ports=frozenset())
+    finally:
+        control.disarm()
+    if out.error is not None:
+        raise out.error
+    if isinstance(out.last_exit, kind):
+        return out.last_exit, seen
+    if out.stop == Stop.TIMEOUT:
+        pytest.fail(f"guest did not reach {kind.__name__} within {timeout}s; saw {seen}")
+    if out.stop == Stop.MAX_EXITS:
+        pytest.fail(f"no {kind.__name__} within {limit} exits: {seen[-5:]}")
+    pytest.fail(f"run ended ({out.stop}, {out.last_exit!r}) before {kind.__name__}; "
+                f"earlier: {seen}")
 
 
 def expect(vcpu, kind, timeout: float = 5.0):

@@ -3,7 +3,7 @@
 
 What the log promises: every page the guest wrote is in it, pages the guest never touched are
 not, and reading it clears it. It may also hold a page the guest only *read*: on kvm_pvm at
-CPL3 (HOST.md), and on stock KVM when the host had written the page before the guest's first
+CPL3 (docs/HOSTS.md), and on stock KVM when the host had written the page before the guest's first
 read (KVM maps such a page writable at once and counts it dirty). The tests allow exactly
 those pages and no others."""
 

@@ -58,7 +58,7 @@ def test_in_1_2_4_bytes_reach_the_guest(vm):
 
 
 def test_rep_outsb(vm):
-    """HOST.md: on kvm_pvm `rep outsb` of 5 bytes is 5 exits of count 1; stock KVM may batch
+    """docs/HOSTS.md: on kvm_pvm `rep outsb` of 5 bytes is 5 exits of count 1; stock KVM may batch
     them (count > 1). Either way the bytes, their order and the final registers agree."""
     vm.add_memory(0, 0x10000)
     vm.memory.write(0x2000, b"hello")
@@ -88,7 +88,7 @@ def test_rep_outsb(vm):
 
 
 def test_rep_insw(vm):
-    """`rep insw` of 3 words (HOST.md: one exit, count 3, 6 bytes): what the host puts in the
+    """`rep insw` of 3 words (docs/HOSTS.md: one exit, count 3, 6 bytes): what the host puts in the
     buffer lands in guest memory, in order."""
     vcpu = guest(vm, """
         mov $0x3000, %di

@@ -34,7 +34,7 @@ def userspace_hypercalls(request, kvm):
     if ON_PVM:
         request.node.user_properties.append((CAP_SKIP_PROPERTY, ["EXIT_HYPERCALL"]))
         pytest.skip("pyvmm: missing KVM capability EXIT_HYPERCALL on kvm_pvm (reported, but "
-                    "a CPL0 hypercall never reaches userspace; see HOST.md)")
+                    "a CPL0 hypercall never reaches userspace; see docs/HOSTS.md)")
     return kvm
 
 

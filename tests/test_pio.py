@@ -64,14 +64,14 @@ def test_pio_payload(kvm):
                                                                (4, 0xDEADBEEF)]
 
     # rep outsb of 5 bytes: kvm_pvm (and KVM's emulator generally) gives one exit per byte
-    # with count=1 (HOST.md); whatever the split, the bytes arrive in order, all of size 1
+    # with count=1 (docs/HOSTS.md); whatever the split, the bytes arrive in order, all of size 1
     outs = [e for e in dev.log if e[0] == dev.str_out]
     assert all(e[1] == 1 and e[3] for e in outs)
     assert b"".join(e[4] for e in outs) == b"pyvmm"
     assert sum(e[2] for e in outs) == 5
     assert [e[2] for e in outs] == [1] * 5 or len(outs) < 5
 
-    # rep insw of 3 words: one exit with count=3 on kvm_pvm (HOST.md); in any case 3 words
+    # rep insw of 3 words: one exit with count=3 on kvm_pvm (docs/HOSTS.md); in any case 3 words
     ins = [e for e in dev.log if e[0] == dev.str_in]
     assert sum(e[2] for e in ins) == 3 and all(e[1] == 2 for e in ins)
     assert not dev.words

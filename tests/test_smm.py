@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
 
 from pyvmm import Cap, KvmError, MissingCapability, exits, guests, smm
-from pyvmm.guests import ucall
+from pyvmm.runloop import ConsoleBuffer, RunControl, RunResult, Stop, run_vcpu
 
 from helpers import code, expect, real_mode
 
@@ -140,34 +141,46 @@ class SmmGuest:
 
     def run(self, on_report=None, *, save_restore: bool = False,
             timeout: float = RUN_TIMEOUT) -> list[Record]:
+        """Run on pyvmm's run loop to DONE; with `save_restore`, the loop ends after each
+        report, the vCPU moves to a fresh VM (migrate) and the loop starts again there."""
         deadline = time.monotonic() + timeout
+
+        def report(event, vcpu):
+            rec = Record(event.tag, event.value, dict(event.regs), vcpu.in_smm,
+                         bool(vcpu.get_events().smi.smm))
+            self.records.append(rec)
+            if rec.tag == TAG_STAGE and rec.value in self.smi_stages:
+                self.inject(vcpu)
+            if on_report is not None:
+                on_report(self, rec)
+            if save_restore:
+                self.migrate()
+                return Stop.STOPPED   # go on with the migrated vCPU
+            return None
+
         while True:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"timed out; reports so far: {self.keys()}"
-            ex = self.vcpu.run(timeout=remaining)
-            event = ucall.decode(ex, self.vcpu)
-            if isinstance(event, ucall.Report):
-                rec = Record(event.tag, event.value, dict(event.regs), self.vcpu.in_smm,
-                             bool(self.vcpu.get_events().smi.smm))
-                self.records.append(rec)
-                if rec.tag == TAG_STAGE and rec.value in self.smi_stages:
-                    self.inject(self.vcpu)
-                if on_report is not None:
-                    on_report(self, rec)
-                if save_restore:
-                    self.migrate()
-            elif isinstance(event, ucall.Done):
-                assert event.status == 0
+            control = RunControl([self.vcpu])
+            control.arm(remaining)
+            try:
+                out = run_vcpu(self.vcpu, control, RunResult(), console=ConsoleBuffer(),
+                               counts=Counter(), on_report=report)
+            finally:
+                control.disarm()
+            if out.error is not None:
+                raise out.error
+            if out.stop == Stop.STOPPED and save_restore:
+                continue
+            if out.stop == Stop.DONE:
+                assert out.status == 0
                 return self.records
-            elif isinstance(event, ucall.ConsoleOutput):
-                continue
-            elif event is not None:
-                pytest.fail(f"guest: {event} after {self.keys()}")
-            elif isinstance(ex, exits.IntrExit):
-                continue
-            else:
-                pytest.fail(f"unexpected exit {ex!r} (in SMM: {self.vcpu.in_smm}) after "
-                            f"{self.keys()}")
+            if out.stop == Stop.TIMEOUT:
+                pytest.fail(f"timed out; reports so far: {self.keys()}")
+            if out.event is not None:
+                pytest.fail(f"guest: {out.event} after {self.keys()}")
+            pytest.fail(f"unexpected exit {out.last_exit!r} (in SMM: {self.vcpu.in_smm}) "
+                        f"after {self.keys()}")
 
     def keys(self) -> list[tuple[int, int]]:
         return [r.key for r in self.records]

@@ -337,10 +337,12 @@ def test_machine_close_while_vcpu_threads_spin(kvm, spin_source):
 
 # -- VM lifetime -------------------------------------------------------------------------------
 
-def _real_mode_out(vcpu, port: int) -> None:
-    """Point `vcpu` at a two-instruction real-mode guest at 0x1000: out %al, $port; hlt."""
+def _real_mode_out(vcpu, port: int, memory) -> None:
+    """Point `vcpu` at a two-instruction real-mode guest at 0x1000: out %al, $port; hlt
+    (written to `memory` unless it is None: already there)."""
     vcpu.complete_io()  # finish a previous OUT first: KVM may move RIP past it on next run
-    vcpu.vm.memory.write(0x1000 + 0x10 * vcpu.id, bytes([0xE6, port, 0xF4]))
+    if memory is not None:
+        memory.write(0x1000 + 0x10 * vcpu.id, bytes([0xE6, port, 0xF4]))
     sregs = vcpu.get_sregs()
     sregs.cs.base, sregs.cs.selector = 0, 0
     vcpu.set_sregs(sregs)
@@ -362,14 +364,14 @@ def test_vcpus_closed_first_vm_stays_usable(kvm):
             # the VM and the vCPUs left work: each remaining one runs a guest
             for other in vcpus:
                 if not other.closed:
-                    _real_mode_out(other, 0x40 + other.id)
+                    _real_mode_out(other, 0x40 + other.id, vm.memory)
                     # (no exit object kept: its data view would keep the kvm_run page
                     # mapped, and the mapping holds the vCPU file open)
                     assert other.run(timeout=5).port == 0x40 + other.id
     # a new vCPU in the same VM (KVM never reuses a closed vCPU's id)
     extra = vm.create_vcpu()
     assert extra.id == 3
-    _real_mode_out(extra, 0x43)
+    _real_mode_out(extra, 0x43, vm.memory)
     assert extra.run(timeout=5).port == 0x43
     vm.close()
     assert extra.closed
@@ -398,11 +400,13 @@ def test_a_vcpu_keeps_its_vm_alive(kvm):
     def make():
         vm = kvm.create_vm()
         vm.add_memory(0, 0x10000)
-        return vm.create_vcpu()
+        vcpu = vm.create_vcpu()
+        vm.memory.write(0x1000, bytes([0xE6, 0x41, 0xF4]))
+        return vcpu
 
     vcpu = make()  # no reference to the Vm is left outside the vCPU
     gc.collect()
-    _real_mode_out(vcpu, 0x41)
+    _real_mode_out(vcpu, 0x41, None)
     assert vcpu.run().port == 0x41  # (a run timeout would hold the vCPU until it expires)
     del vcpu
     gc.collect()

@@ -92,7 +92,7 @@ def test_kernel_rejects_what_python_does_not_check(vm):
     error names the ioctl and the slot."""
     region = vm.add_memory(0x10000, 0x2000)
     with pytest.raises(KvmError) as info:
-        vm._set_region(7, 0, 0x11000, 0x1000, region.host_addr)
+        vm.set_user_memory_region(7, 0, 0x11000, 0x1000, region.host_addr)
     err = info.value
     assert (err.errno, err.ioctl, err.role) == (errno.EEXIST, "KVM_SET_USER_MEMORY_REGION",
                                                 "vm")

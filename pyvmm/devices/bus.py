@@ -17,7 +17,7 @@ from typing import Protocol
 from ..errors import GuestError
 
 #: GuestErrors kept per bus (all are counted): a guest cannot grow the host's memory.
-MAX_KEPT_ERRORS = 16
+from ..errors import MAX_KEPT_ERRORS  # noqa: E402 - one definition, in errors
 
 
 class Device(Protocol):

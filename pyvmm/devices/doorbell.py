@@ -24,7 +24,7 @@ log = logging.getLogger("pyvmm.devices")
 Callback = Callable[["Doorbell", int], None]
 #: Callback errors kept per doorbell and per worker (all are counted); a guest ringing a
 #: broken device a million times must not grow the host's memory.
-MAX_KEPT_ERRORS = 16
+from ..errors import MAX_KEPT_ERRORS  # noqa: E402 - one definition, in errors
 
 
 class Doorbell:

@@ -54,7 +54,7 @@ VMMCALL = bytes((0x0F, 0x01, 0xD9))    # AMD
 
 #: Errors kept on a dispatcher (all are counted): a guest calling a broken handler a million
 #: times must not grow the host's memory.
-MAX_KEPT_ERRORS = 16
+from ..errors import MAX_KEPT_ERRORS  # noqa: E402 - one definition, in errors
 
 _MASK64 = (1 << 64) - 1
 

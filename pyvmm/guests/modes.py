@@ -58,8 +58,7 @@ def tr_type(vcpu: Any) -> int:
     """The TSS type to load into TR. Intel's VM entry demands a busy TSS (11). AMD's does
     not care, and QEMU's TCG, which runs the nested runner's stock kvm_amd, refuses the I/O
     bitmap of a TR whose type is not 9 (CPL3 port I/O would #GP there), so AMD gets 9."""
-    kvm = getattr(getattr(vcpu, "vm", None), "kvm", None)
-    return _TSS_AVAILABLE if getattr(kvm, "is_amd", False) else _TSS_BUSY
+    return _TSS_AVAILABLE if vcpu.cpu_vendor in ("AuthenticAMD", "HygonGenuine") else _TSS_BUSY
 
 
 def default_stack(mode: str) -> int:

@@ -6,65 +6,63 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from . import ucall
+from ..runloop import (
+    MAX_REPORTS,
+    ConsoleBuffer,
+    RunControl,
+    RunResult,
+    Stop,
+    finish,
+    run_vcpu,
+)
+from ..runloop import STOPS as STOP_REASONS
 from .payload import Payload
 
-__all__ = ["STOP", "GuestResult", "run", "run_loop"]
+__all__ = ["STOP", "STOP_REASONS", "GuestResult", "run", "run_loop"]
+
+#: What a handler returns to end the run (stop reason ``"stopped"``); any `Stop` or stop
+#: string does too.
+STOP = Stop.STOPPED
 
 
-class _Stop:
-    def __repr__(self) -> str:
-        return "STOP"
+class GuestResult(RunResult):
+    """What a run of a payload produced: a `RunResult` with the payload's `name`, and the
+    older field names (`stop_reason` is `stop`, `elapsed` is `duration`). Every ucall event
+    is kept in `events` (up to the limit). ``str()`` gives the console text and a summary."""
 
-
-#: Returned by a handler to end the run (stop reason ``"stopped"``).
-STOP: Any = _Stop()
-
-#: Why a run ended.
-STOP_REASONS = ("done", "fail", "fault", "hlt", "shutdown", "timeout", "error", "unhandled",
-                "stopped", "max_exits")
-
-
-@dataclass
-class GuestResult:
-    """What a run produced; ``str()`` gives the console text and an exit summary."""
-
-    name: str
-    stop_reason: str = "error"
-    status: int | None = None        # the Done status
-    console_bytes: bytes = b""
-    reports: list[ucall.Report] = field(default_factory=list)
-    events: list[Any] = field(default_factory=list)
-    exits: Counter[str] = field(default_factory=Counter)
-    last_exit: Any = None
-    elapsed: float = 0.0
-    detail: str = ""
+    def __init__(self, name: str = "", **fields: Any) -> None:
+        fields.setdefault("stop", Stop.ERROR)
+        super().__init__(**fields)
+        self.name = name
 
     @property
-    def console(self) -> str:
-        return self.console_bytes.decode("utf-8", "replace")
+    def stop_reason(self) -> str:
+        """The stop (the older name)."""
+        return self.stop
+
+    @stop_reason.setter
+    def stop_reason(self, value: str) -> None:
+        self.stop = value
 
     @property
-    def values(self) -> list[int]:
-        return [r.value for r in self.reports]
-
-    @property
-    def ok(self) -> bool:
-        return self.stop_reason == "done" and self.status == 0
+    def elapsed(self) -> float:
+        """The duration in seconds (the older name)."""
+        return self.duration
 
     def summary(self) -> str:
         exits = ", ".join(f"{k} {v}" for k, v in sorted(self.exits.items())) or "none"
-        how = self.stop_reason
-        if self.stop_reason == "done":
+        how = str(self.stop)
+        if self.stop == Stop.DONE:
             how += f" (status {self.status})"
         if self.detail:
             how += f": {self.detail}"
-        lines = [f"{self.name}: {how} after {self.elapsed * 1000:.1f} ms",
+        lines = [f"{self.name}: {how} after {self.duration * 1000:.1f} ms",
                  f"exits: {sum(self.exits.values())} ({exits})"]
         lines += [f"  {r}" for r in self.reports]
+        if self._dropped_line():
+            lines.append(f"  {self._dropped_line()}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -76,68 +74,26 @@ class GuestResult:
 
 def run_loop(vcpu: Any, result: GuestResult, *, timeout: float | None = 10.0,
              handler: Callable[[Any, Any], Any] | None = None,
-             max_exits: int | None = None) -> GuestResult:
-    """Run ``vcpu`` until done/fail/fault/hlt/shutdown/timeout, filling ``result``."""
-    from .. import exits as ex_types
-
-    start = time.monotonic()
-    deadline = None if timeout is None else start + timeout
-    n = 0
+             max_exits: int | None = None, max_reports: int = MAX_REPORTS,
+             console: ConsoleBuffer | None = None) -> GuestResult:
+    """Run ``vcpu`` on the run loop until done/fail/fault/hlt/shutdown/timeout, filling
+    ``result``. ``handler(exit, vcpu)`` gets every exit the loop does not handle itself
+    (port I/O off the ucall ports, MMIO, and any other exit type) and may return a stop."""
+    control = RunControl([vcpu])
+    console = console if console is not None else ConsoleBuffer()
+    counts: Counter = Counter()
+    started = time.monotonic()
+    control.arm(timeout)
     try:
-        while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    result.stop_reason = "timeout"
-                    break
-                ex = vcpu.run(timeout=remaining)
-            else:
-                ex = vcpu.run()
-            n += 1
-            result.last_exit = ex
-            result.exits[type(ex).__name__] += 1
-            ev = ucall.decode(ex, vcpu)
-            if ev is not None:
-                result.events.append(ev)
-                if isinstance(ev, ucall.ConsoleOutput):
-                    result.console_bytes += ev.data
-                elif isinstance(ev, ucall.Report):
-                    result.reports.append(ev)
-                else:
-                    result.stop_reason, status = ucall.outcome(ev)
-                    if result.stop_reason == "done":
-                        result.status = status
-                    else:
-                        result.detail = str(ev)
-                    break
-            elif isinstance(ex, ex_types.HltExit):
-                result.stop_reason = "hlt"
-                break
-            elif isinstance(ex, ex_types.ShutdownExit):
-                result.stop_reason = "shutdown"
-                result.detail = "triple fault (an exception with no usable handler)"
-                break
-            elif isinstance(ex, ex_types.IntrExit):
-                if getattr(ex, "timed_out", False) or (
-                        deadline is not None and time.monotonic() >= deadline):
-                    result.stop_reason = "timeout"
-                    break
-                continue  # a signal or a kick: go on
-            elif isinstance(ex, (ex_types.FailEntryExit, ex_types.InternalErrorExit)):
-                result.stop_reason, result.detail = "error", repr(ex)
-                break
-            elif handler is not None:
-                if handler(ex, vcpu) is STOP:
-                    result.stop_reason = "stopped"
-                    break
-            else:
-                result.stop_reason, result.detail = "unhandled", repr(ex)
-                break
-            if max_exits is not None and n >= max_exits:
-                result.stop_reason = "max_exits"
-                break
+        outcome = run_vcpu(vcpu, control, result, console=console, counts=counts,
+                           default=handler, max_exits=max_exits, max_reports=max_reports,
+                           keep_events=True)
     finally:
-        result.elapsed = time.monotonic() - start
+        control.disarm()
+        result.exits.update(counts)
+    finish(result, outcome, control, started, console)
+    if result.error is not None and not isinstance(result.error, Exception):
+        raise result.error
     return result
 
 
@@ -149,7 +105,7 @@ def run(payload: str | Payload, *, memory_size: int | None = None, timeout: floa
 
     ``handler(exit, vcpu)`` gets every exit that is not a ucall or an ending exit (HLT,
     SHUTDOWN, errors); it fills ``exit.data`` for IN and MMIO reads, and may return
-    :data:`STOP`. Without a handler such an exit ends the run ("unhandled").
+    :data:`STOP` (or any stop). Without a handler such an exit ends the run ("unhandled").
     ``setup(vm, vcpu, payload)`` runs after loading and before the first ``KVM_RUN`` (add a
     read-only slot, poke parameters by symbol...).
     """
@@ -170,7 +126,5 @@ def run(payload: str | Payload, *, memory_size: int | None = None, timeout: floa
             run_loop(vcpu, result, timeout=timeout, handler=handler, max_exits=max_exits)
     finally:
         if own_kvm:
-            close = getattr(kvm, "close", None)
-            if close is not None:
-                close()
+            kvm.close()
     return result

@@ -18,24 +18,20 @@ state last (it refers to the rest).
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from .. import ioctls as io
-from .._ffi import ffi
 from ..caps import Cap
 from ..errors import KvmError
-from ..kvm import CpuidEntry
+from ..cpuid import CpuidEntry
 from ..structs import Fpu, LapicState, Regs, Sregs, VcpuEvents
-from . import cpu
+from . import cpu, host
 from .structs import DebugRegs, Xcrs, Xsave, from_bytes
 
 if TYPE_CHECKING:
-    from ..kvm import Kvm
     from ..vcpu import Vcpu
 
-__all__ = ["MSR_IA32_TSC_DEADLINE", "VcpuState", "feature_msr_indices", "load_vcpu_state",
+__all__ = ["MSR_IA32_TSC_DEADLINE", "VcpuState", "load_vcpu_state",
            "read_msrs", "save_vcpu_state", "write_msrs"]
 
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -129,24 +125,6 @@ class VcpuState:
 
 # -- MSRs --------------------------------------------------------------------------------------
 
-def feature_msr_indices(kvm: Kvm) -> list[int]:
-    """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (capabilities userspace may set per
-    vCPU, e.g. IA32_ARCH_CAPABILITIES); empty where the host has no such list."""
-    n = 64
-    while True:
-        buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
-        try:
-            io.ioctl(kvm.fileno(), io.KVM_GET_MSR_FEATURE_INDEX_LIST, buf, role=kvm.role)
-        except KvmError as err:
-            if err.errno == errno.E2BIG and n < 65536:
-                n *= 4
-                continue
-            if err.errno in (errno.EINVAL, errno.ENOTTY):
-                return []
-            raise
-        return [buf.indices[i] for i in range(buf.nmsrs)]
-
-
 def read_msrs(vcpu: Vcpu, indices: list[int]) -> dict[int, int]:
     """The MSRs of `indices` this vCPU can read (one KVM_GET_MSRS; one per MSR only when some
     cannot be read, which depends on the vCPU's CPUID)."""
@@ -193,23 +171,22 @@ def save_vcpu_state(vcpu: Vcpu, *, complete_io: bool = True) -> VcpuState:
         raise RuntimeError(f"vCPU {vcpu.id} is running: stop it before saving its state")
     if complete_io:
         vcpu.complete_io()
-    kvm = vcpu.vm.kvm
     events = vcpu.get_events()
     mp_state = vcpu.get_mp_state()
     regs = vcpu.get_regs()
     xsave = fpu = None
-    if vcpu.vm.check_extension(Cap.XSAVE):
+    if host.check_extension(Cap.XSAVE):
         xsave = cpu.get_xsave(vcpu)
     else:
         fpu = vcpu.get_fpu()
-    xcrs = cpu.get_xcrs(vcpu) if vcpu.vm.check_extension(Cap.XCRS) else None
+    xcrs = cpu.get_xcrs(vcpu) if host.check_extension(Cap.XCRS) else None
     sregs = vcpu.get_sregs()
     nested = cpu.get_nested_state(vcpu) if cpu.nested_state_size(vcpu) else None
-    indices = list(dict.fromkeys(kvm.msr_index_list() + feature_msr_indices(kvm)))
+    indices = list(dict.fromkeys(host.msr_index_list() + host.feature_msr_indices()))
     msrs = read_msrs(vcpu, indices)
     debugregs = cpu.get_debugregs(vcpu)
     lapic = vcpu.get_lapic() if cpu.lapic_in_kernel(vcpu) else None
-    tsc_khz = cpu.get_tsc_khz(vcpu) if vcpu.vm.check_extension(Cap.GET_TSC_KHZ) else None
+    tsc_khz = cpu.get_tsc_khz(vcpu) if host.check_extension(Cap.GET_TSC_KHZ) else None
     return VcpuState(vcpu_id=vcpu.id, regs=regs, sregs=sregs, events=events,
                      mp_state=mp_state, msrs=msrs, debugregs=debugregs,
                      cpuid=vcpu.get_cpuid(), xsave=xsave, fpu=fpu, xcrs=xcrs, lapic=lapic,
@@ -224,7 +201,7 @@ def _tr_for_host(vcpu: Vcpu, sregs: Sregs) -> Sregs:
     the busy bit; QEMU's TCG, though (stock kvm_amd in the nested runner), refuses the I/O
     bitmap of a busy TSS. So on AMD a busy TSS goes back as available: the guest sees no
     difference on hardware and keeps its port I/O under TCG. Intel's VM entry needs busy."""
-    if sregs.tr.type != TSS_BUSY or not vcpu.vm.kvm.is_amd:
+    if sregs.tr.type != TSS_BUSY or vcpu.cpu_vendor not in ("AuthenticAMD", "HygonGenuine"):
         return sregs
     sregs = sregs.copy()
     sregs.tr.type = TSS_AVAILABLE
@@ -243,7 +220,7 @@ def load_vcpu_state(vcpu: Vcpu, state: VcpuState) -> None:
                          "create_irqchip() before creating the vCPU")
     if state.cpuid:
         vcpu.set_cpuid(state.cpuid)
-    if state.tsc_khz is not None and vcpu.vm.check_extension(Cap.GET_TSC_KHZ):
+    if state.tsc_khz is not None and host.check_extension(Cap.GET_TSC_KHZ):
         cpu.set_tsc_khz(vcpu, state.tsc_khz)
     vcpu.set_sregs(_tr_for_host(vcpu, state.sregs))
     msrs = dict(state.msrs)

@@ -35,8 +35,8 @@ DIRTY_LOG_MANUAL_PROTECT_ENABLE, DIRTY_LOG_INITIALLY_SET = 1, 2
 PAGE_SIZE = 4096
 
 
-def _ioctl(vm: Vm, request: int, arg=0, detail: str | None = None) -> int:
-    return io.ioctl(vm.fileno(), request, arg, vm.role, detail)
+def _ioctl(vm: Vm, request: int, arg: object = 0, detail: str | None = None) -> int:
+    return vm.ioctl(request, arg, detail)
 
 
 def _absent(call, *args) -> bool:
@@ -166,7 +166,7 @@ def clear_dirty_log(vm: Vm, region: MemoryRegion, first_page: int = 0,
     dirty_log() reports only writes made after this. Needs enable_manual_dirty_log().
     KVM wants `first_page` a multiple of 64, and `num_pages` one too unless the range ends
     at the region's end."""
-    if region.vm is not vm or region.closed:
+    if not vm.memory.owns(region):
         raise ValueError(f"{region!r} is not a live region of this VM")
     if not region.log_dirty:
         raise ValueError(f"{region!r} was not added with log_dirty=True")

@@ -152,7 +152,7 @@ def _pad(n: int) -> bytes:
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
     """Parse a newc archive into {name: (mode, data)} (used by the tests)."""
-    out = {}
+    out: dict[str, tuple[int, bytes]] = {}
     pos = 0
     while True:
         if data[pos:pos + 6] != b"070701":

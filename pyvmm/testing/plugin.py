@@ -24,6 +24,11 @@ Reporting
     skipped for which capability. ``PYVMM_CAP_SKIPS=<path>`` writes the tests skipped for a
     capability as JSON; ``PYVMM_PASSED=<path>`` writes the passed, failed and skipped test ids.
     ``pyvmm nested --check-skips LOCAL NESTED`` compares the two (see pyvmm.testing.nested).
+
+pytest-xdist
+    Works under ``pytest -n N``: the fixtures are per test, so every worker opens its own KVM
+    handles and VMs; the workers' reports reach the controller, which alone writes the JSON
+    files and the summary line, merged over all workers (tests/test_xdist.py).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ CAP_SKIP_PROPERTY = "pyvmm_cap_skip"   # item.user_properties key, survives pyte
 
 CAP_SKIPS_FORMAT = "pyvmm-cap-skips/1"
 OUTCOMES_FORMAT = "pyvmm-outcomes/1"
+
+# kvm-unit-tests as pytest items (--kut-dir), in a module of their own.
+pytest_plugins = ("pyvmm.testing.kut_plugin",)
 
 
 def require_kvm() -> bool:
@@ -110,6 +118,20 @@ def machine(kvm):
         m.close()
 
 
+@pytest.fixture
+def payload_source(tmp_path):
+    """``make(body, mode="long64-user", name="p")``: a payload written from assembler source
+    (``pyvmm.inc`` included, the code at ``start``), as a path ``Machine.load`` and
+    ``guests.build`` take. Long64-user code runs natively (fast) even on an emulating host."""
+    def make(body: str, mode: str = "long64-user", name: str = "p") -> str:
+        bits = {"real16": ".code16", "prot32": ".code32"}.get(mode, ".code64")
+        src = tmp_path / f"{name}_{mode.replace('-', '_')}.S"
+        src.write_text(f"# pyvmm: mode={mode}\n.include \"pyvmm.inc\"\n.text\n{bits}\n"
+                       f".globl start\nstart:\n{body}\n")
+        return str(src)
+    return make
+
+
 # ------------------------------------------------------------------------ requires_cap marker
 
 def _cap_number_and_name(cap) -> tuple[int, str]:
@@ -122,8 +144,8 @@ def _cap_number_and_name(cap) -> tuple[int, str]:
         except (ImportError, KeyError) as e:
             raise pytest.UsageError(f"requires_cap: unknown capability {cap!r}") from e
     if isinstance(cap, int):
-        name = getattr(cap, "name", None)
-        if name is None:
+        name = str(getattr(cap, "name", ""))
+        if not name:
             try:
                 from pyvmm import Cap
                 name = Cap(cap).name
@@ -225,12 +247,11 @@ def pytest_runtest_setup(item) -> None:
         minimum = int(marker.kwargs.get("min", 1))
         for cap in marker.args:
             number, name = _cap_number_and_name(cap)
+            error: str | None = None
             try:
                 value = probe.value(number, on_vm)
             except OSError as e:
                 value, error = 0, f"/dev/kvm unavailable: {e.strerror or e}"
-            else:
-                error = None
             if error is not None:
                 _no_kvm(error)
             if value < minimum and name not in missing:
