@@ -58,12 +58,12 @@ def _copy_pages(src: memoryview, dst: memoryview, pages: list[int]) -> None:
         i = j + 1
 
 
-def _dirty_round(pairs) -> int:
+def _dirty_round(vm, pairs) -> int:
     """Read (and clear) every source region's dirty log and copy those pages; returns how
     many were copied."""
     sent = 0
     for src_region, src_view, dst_view in pairs:
-        pages = src_region.vm.dirty_log(src_region).pages()
+        pages = vm.dirty_log(src_region).pages()
         _copy_pages(src_view, dst_view, pages)
         sent += len(pages)
     return sent
@@ -108,7 +108,7 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         record(sent, since)
         while len(result.rounds) < max_rounds and runner.is_alive():
             since = time.perf_counter()
-            sent = _dirty_round(pairs)
+            sent = _dirty_round(source.vm, pairs)
             record(sent, since)
             if sent <= threshold_pages:
                 break
@@ -117,10 +117,10 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         source.stop()
         runner.join()
         result.source_result = outcome.get("result")
-        sent = _dirty_round(pairs)
+        sent = _dirty_round(source.vm, pairs)
         saved = snapshot.paused_state(source)
         # Completing the vCPUs' last I/O (in paused_state) may write memory once more.
-        sent += _dirty_round(pairs)
+        sent += _dirty_round(source.vm, pairs)
         record(sent, stop_at)
         if setup is not None:
             setup(target)
