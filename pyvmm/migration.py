@@ -80,7 +80,7 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
     caller's devices, doorbells and interrupts before states are loaded (as for restore).
     `on_round(round, pages)` is called after each round. If the guest finishes on its own
     before that, the target gets its final state (and would finish at once)."""
-    regions = source.vm.memory.regions(None)
+    regions = snapshot.machine_vm(source).memory.regions(None)
     description = snapshot.layout(source)
     target = snapshot.build(description, kvm=kvm)
     result = MigrationResult(target=target)
@@ -88,8 +88,8 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
     runner: threading.Thread | None = None
     try:
         for region in regions:
-            source.vm.set_log_dirty(region, True)          # logging from here on
-        pairs = [(r, r.view(), t.view()) for r, t in zip(regions, target.vm.memory.regions(None))]
+            snapshot.machine_vm(source).set_log_dirty(region, True)          # logging from here on
+        pairs = [(r, r.view(), t.view()) for r, t in zip(regions, snapshot.machine_vm(target).memory.regions(None))]
         outcome: dict[str, RunResult] = {}
         runner = threading.Thread(target=lambda: outcome.setdefault(
             "result", source.run(timeout=run_timeout)), name="pyvmm-migration-source")
@@ -108,7 +108,7 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         record(sent, since)
         while len(result.rounds) < max_rounds and runner.is_alive():
             since = time.perf_counter()
-            sent = _dirty_round(source.vm, pairs)
+            sent = _dirty_round(snapshot.machine_vm(source), pairs)
             record(sent, since)
             if sent <= threshold_pages:
                 break
@@ -117,10 +117,10 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
         source.stop()
         runner.join()
         result.source_result = outcome.get("result")
-        sent = _dirty_round(source.vm, pairs)
+        sent = _dirty_round(snapshot.machine_vm(source), pairs)
         saved = snapshot.paused_state(source)
         # Completing the vCPUs' last I/O (in paused_state) may write memory once more.
-        sent += _dirty_round(source.vm, pairs)
+        sent += _dirty_round(snapshot.machine_vm(source), pairs)
         record(sent, stop_at)
         if setup is not None:
             setup(target)

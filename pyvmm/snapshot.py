@@ -25,14 +25,16 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from .errors import ClosedError
 from .state.vcpu_state import VcpuState
 from .state.vm_state import VmState, has_pit
 
 if TYPE_CHECKING:
     from .kvm import Kvm
     from .machine import Machine
+    from .vm import Vm
 
-__all__ = ["FORMAT", "MAGIC", "Stateful", "build", "layout", "load_paused_state",
+__all__ = ["FORMAT", "MAGIC", "Stateful", "build", "layout", "load_paused_state", "machine_vm",
            "paused_state", "read_header", "restore", "snapshot"]
 
 MAGIC = b"pyvmm snapshot\n\0"
@@ -51,6 +53,13 @@ class Stateful(Protocol):
 
     def load_state(self, state: Any) -> None:
         """Take back what save_state() returned (on a fresh device of the same class)."""
+
+
+def machine_vm(machine: Machine) -> Vm:
+    """The machine's VM (ClosedError once the machine is closed)."""
+    if machine.vm is None or machine.vm.closed:
+        raise ClosedError("the machine is closed")
+    return machine.vm
 
 
 def _align(n: int, to: int = PAGE) -> int:
@@ -87,16 +96,16 @@ def _stateful_devices(machine: Machine):
 
 def layout(machine: Machine) -> dict[str, Any]:
     """What a machine is made of, for building an empty one like it (see build())."""
-    for region in machine.vm.memory.regions(None):
+    for region in machine_vm(machine).memory.regions(None):
         if region.alias_of is not None:
             raise ValueError(f"{region!r} is an alias (an SMRAM view): snapshots and "
                              "migrations keep plain RAM regions only")
     return {"format": FORMAT, "vcpus": [vcpu.id for vcpu in machine.vcpus],
-            "irqchip": bool(machine.irqchip), "pit": has_pit(machine.vm),
+            "irqchip": bool(machine.irqchip), "pit": has_pit(machine_vm(machine)),
             "serial": machine.serial is not None,
             "regions": [{"guest_addr": r.guest_addr, "size": r.size, "readonly": r.readonly,
                          "log_dirty": r.log_dirty, "address_space": r.address_space}
-                        for r in machine.vm.memory.regions(None)]}
+                        for r in machine_vm(machine).memory.regions(None)]}
 
 
 def paused_state(machine: Machine) -> dict[str, Any]:
@@ -106,7 +115,7 @@ def paused_state(machine: Machine) -> dict[str, Any]:
             raise RuntimeError(f"vCPU {vcpu.id} is running: save a machine after run() "
                                "has returned")
     vcpu_states = [vcpu.save_state().encode() for vcpu in machine.vcpus]
-    return {"vcpu_states": vcpu_states, "vm_state": machine.vm.save_state().encode(),
+    return {"vcpu_states": vcpu_states, "vm_state": machine_vm(machine).save_state().encode(),
             "devices": [dict(_device_key(bus, m), state=m.device.save_state())
                         for bus, m in _stateful_devices(machine)]}
 
@@ -129,9 +138,9 @@ def build(description: dict[str, Any], *, kvm: Kvm | None = None) -> Machine:
                       serial=bool(description.get("serial", True)))
     try:
         if description.get("pit"):
-            machine.vm.create_pit()
+            machine_vm(machine).create_pit()
         for addr, size, readonly, log_dirty, space in regions:
-            machine.vm.add_memory(addr, size, readonly=readonly, log_dirty=log_dirty,
+            machine_vm(machine).add_memory(addr, size, readonly=readonly, log_dirty=log_dirty,
                                   address_space=space)
     except BaseException:
         machine.close()
@@ -149,7 +158,7 @@ def load_paused_state(machine: Machine, saved: dict[str, Any], *, strict: bool =
         raise ValueError(f"the saved state lacks {err}") from None
     if [s.vcpu_id for s in vcpu_states] != [v.id for v in machine.vcpus]:
         raise ValueError("the saved vCPU states do not match the machine's vCPUs")
-    machine.vm.load_state(vm_state)
+    machine_vm(machine).load_state(vm_state)
     for vcpu, state in zip(machine.vcpus, vcpu_states):
         vcpu.load_state(state)
         vcpu.cpuid_set = True
@@ -159,7 +168,7 @@ def load_paused_state(machine: Machine, saved: dict[str, Any], *, strict: bool =
 def snapshot(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     """Write the paused `machine` to `path`; returns the header written. Refuses a machine
     whose vCPUs are running (call it after run() has returned)."""
-    regions = machine.vm.memory.regions(None)
+    regions = machine_vm(machine).memory.regions(None)
     # vCPUs first: completing their last exits' I/O may still write guest memory (an IN's
     # string destination), and the VM devices' state is final once the vCPUs are.
     header = dict(layout(machine), **paused_state(machine))
@@ -229,7 +238,7 @@ def restore(path: str | os.PathLike, *, kvm: Kvm | None = None,
     machine = build(header, kvm=kvm)
     try:
         with open(path, "rb") as f:
-            for region, entry in zip(machine.vm.memory.regions(None), header["regions"]):
+            for region, entry in zip(machine_vm(machine).memory.regions(None), header["regions"]):
                 view = region.view()
                 f.seek(data_start + int(entry["offset"]))
                 for first, count in entry["runs"]:

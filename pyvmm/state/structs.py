@@ -19,7 +19,7 @@ def struct_bytes(struct: CStruct) -> bytes:
     return struct.to_bytes()
 
 
-def from_bytes(cls: type, data: bytes) -> Any:
+def from_bytes(cls: type[CStruct], data: bytes) -> Any:
     """A `cls` (a CStruct subclass) holding `data`, which must be exactly its size."""
     size = ffi.sizeof(cls.ctype)
     if len(data) != size:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import ioctls as io
 from .._ffi import ffi
@@ -52,7 +52,7 @@ def _absent(call, *args) -> bool:
 
 # -- irqchip -----------------------------------------------------------------------------------
 
-def _check_chip(chip: int) -> type:
+def _check_chip(chip: int) -> Any:
     if chip not in _CHIP_TYPES:
         raise ValueError(f"irqchip {chip!r} is not 0 (PIC master), 1 (PIC slave) or 2 (IOAPIC)")
     return _CHIP_TYPES[chip]
@@ -124,15 +124,16 @@ def set_clock(vm: Vm, clock: ClockData | int, *, realtime: bool = False) -> None
     if isinstance(clock, int):
         if not 0 <= clock < 1 << 64:
             raise ValueError(f"clock {clock} ns is outside 0..2**64-1")
-        clock = ClockData(clock=clock)
-    clock = ClockData.cast(clock).copy()
-    if realtime and not clock.flags & KVM_CLOCK_REALTIME:
+        data = ClockData(clock=clock)
+    else:
+        data = ClockData.cast(clock).copy()
+    if realtime and not data.flags & KVM_CLOCK_REALTIME:
         raise ValueError("realtime=True needs a ClockData read with KVM_CLOCK_REALTIME set")
-    clock.flags = KVM_CLOCK_REALTIME if realtime else 0
+    data.flags = KVM_CLOCK_REALTIME if realtime else 0
     if not vm.check_extension(Cap.ADJUST_CLOCK):
         raise MissingCapability(Cap.ADJUST_CLOCK, "KVM_SET_CLOCK", vm.role,
                                 "this host cannot set the VM clock")
-    _ioctl(vm, io.KVM_SET_CLOCK, clock._c)
+    _ioctl(vm, io.KVM_SET_CLOCK, data._c)
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -241,9 +242,9 @@ def save_vm_state(vm: Vm) -> VmState:
     if vm.check_extension(Cap.ADJUST_CLOCK):
         state.clock = get_clock(vm)
     if has_irqchip(vm):
-        state.pic_master = get_irqchip(vm, IRQCHIP_PIC_MASTER)
-        state.pic_slave = get_irqchip(vm, IRQCHIP_PIC_SLAVE)
-        state.ioapic = get_irqchip(vm, IRQCHIP_IOAPIC)
+        state.pic_master = cast(PicState, get_irqchip(vm, IRQCHIP_PIC_MASTER))
+        state.pic_slave = cast(PicState, get_irqchip(vm, IRQCHIP_PIC_SLAVE))
+        state.ioapic = cast(IoapicState, get_irqchip(vm, IRQCHIP_IOAPIC))
     if has_pit(vm):
         state.pit = get_pit(vm)
     return state
