@@ -44,7 +44,7 @@ PORT, TAG_SHARE, TAG_TOTAL = 0x600, 0x51, 0x52
 
 
 def test_smp_guest_with_irqchip_and_doorbells(kvm):
-    n, k = 2, 4000
+    n, k = 2, 20000          # long enough that the migration ends mid-sum even under load
     source = Machine(kvm=kvm, vcpus=n, irqchip=True, serial=False)
     with source:
         source.vm.create_pit()

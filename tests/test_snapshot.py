@@ -93,7 +93,7 @@ def test_smp_with_irqchip_and_pit(kvm, tmp_path, sipi):
     """Two vCPUs adding into shared memory with `lock`, each ringing its doorbell per term;
     stopped by a doorbell callback mid-sum, snapshotted, restored, finished: the sum, each
     vCPU's share and each doorbell's count (before + after) are exact."""
-    n, k = 2, 3000
+    n, k = 2, 20000          # long enough that the stop lands mid-sum even under load
     regs = {"rdi": n, "rsi": k, "r8": PORT, "r9": 1 if sipi else 0}
     m = _smp_machine(kvm, n)
     with m:
