@@ -417,3 +417,8 @@
 /* kvm_dirty_log flags for KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 */
 #define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1
 #define KVM_DIRTY_LOG_INITIALLY_SET 2
+
+/* ---- x86 state: dirty-page rings (pyvmm.state.dirty_ring) ---- */
+#define KVM_DIRTY_LOG_PAGE_OFFSET 64
+#define KVM_DIRTY_GFN_F_DIRTY 1
+#define KVM_DIRTY_GFN_F_RESET 2

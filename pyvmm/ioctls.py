@@ -104,6 +104,7 @@ KVM_KVMCLOCK_CTRL = _io(0xAD)
 KVM_GET_NESTED_STATE = _iowr(0xBE, "struct kvm_nested_state")
 KVM_SET_NESTED_STATE = _iow(0xBF, "struct kvm_nested_state")
 KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
+KVM_RESET_DIRTY_RINGS = _io(0xC7)   # VM fd
 
 #: request number -> name, for error messages.
 NAMES: dict[int, str] = {}

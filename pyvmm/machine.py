@@ -19,6 +19,7 @@ from .kvm import Kvm
 from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
+from .snapshot import SnapshotMethods
 from .vcpu import Vcpu
 from .vcpu_state import MpState
 
@@ -48,7 +49,7 @@ def _count(what: str, value: object) -> int:
     return n
 
 
-class Machine:
+class Machine(SnapshotMethods):
     """A VM ready to run payloads.
 
         with Machine() as m:
@@ -434,19 +435,5 @@ class Machine:
         return info
 
     # -- x86 state --
-    # Thin faces of pyvmm.snapshot (the file format and the work live there).
-
-    def snapshot(self, path) -> dict:
-        """Write this paused machine (memory, every vCPU's and the VM's state, the state of
-        devices with save_state()/load_state()) to one file; returns its header."""
-        from . import snapshot
-        return snapshot.snapshot(self, path)
-
-    @classmethod
-    def restore(cls, path, *, kvm: Kvm | None = None,
-                setup: Callable[[Machine], object] | None = None,
-                strict: bool = True) -> Machine:
-        """A new Machine continuing where the snapshot at `path` stopped. `setup(machine)`
-        recreates devices, doorbells and interrupts before the states are loaded."""
-        from . import snapshot
-        return snapshot.restore(path, kvm=kvm, setup=setup, strict=strict)
+    # snapshot(path) and Machine.restore(path): inherited from
+    # pyvmm.snapshot.SnapshotMethods (the file format and the work live there).

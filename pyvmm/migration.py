@@ -82,7 +82,7 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
     before that, the target gets its final state (and would finish at once)."""
     regions = snapshot.machine_vm(source).memory.regions(None)
     description = snapshot.layout(source)
-    target = snapshot.build(description, kvm=kvm)
+    target = snapshot.build(description, type(source), kvm=kvm)
     result = MigrationResult(target=target)
     started = time.perf_counter()
     runner: threading.Thread | None = None

@@ -23,7 +23,7 @@ import json
 import os
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from .errors import ClosedError
 from .state.vcpu_state import VcpuState
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .vm import Vm
 
-__all__ = ["FORMAT", "MAGIC", "Stateful", "build", "layout", "load_paused_state", "machine_vm",
+__all__ = ["FORMAT", "MAGIC", "SnapshotMethods", "Stateful", "build", "layout", "load_paused_state", "machine_vm",
            "paused_state", "read_header", "restore", "snapshot"]
 
 MAGIC = b"pyvmm snapshot\n\0"
@@ -120,11 +120,11 @@ def paused_state(machine: Machine) -> dict[str, Any]:
                         for bus, m in _stateful_devices(machine)]}
 
 
-def build(description: dict[str, Any], *, kvm: Kvm | None = None) -> Machine:
-    """An empty Machine laid out as `description` (from layout()) says: its vCPUs, in-kernel
-    irqchip and PIT, serial console and memory regions (zeroed). ValueError if malformed."""
-    from .machine import Machine
-
+def build(description: dict[str, Any], factory: Callable[..., Machine], *,
+          kvm: Kvm | None = None) -> Machine:
+    """An empty machine laid out as `description` (from layout()) says: its vCPUs, in-kernel
+    irqchip and PIT, serial console and memory regions (zeroed). `factory` is the Machine
+    class (called as Machine(vcpus=, irqchip=, kvm=, serial=)). ValueError if malformed."""
     try:
         ids = [int(i) for i in description["vcpus"]]
         regions = [(int(r["guest_addr"]), int(r["size"]), bool(r["readonly"]),
@@ -134,7 +134,7 @@ def build(description: dict[str, Any], *, kvm: Kvm | None = None) -> Machine:
         raise ValueError(f"not a machine description: {err!r}") from None
     if ids != list(range(len(ids))):
         raise ValueError(f"vCPU ids {ids} are not 0..n-1")
-    machine = Machine(vcpus=len(ids), irqchip=bool(description.get("irqchip")), kvm=kvm,
+    machine = factory(vcpus=len(ids), irqchip=bool(description.get("irqchip")), kvm=kvm,
                       serial=bool(description.get("serial", True)))
     try:
         if description.get("pit"):
@@ -227,15 +227,16 @@ def _read_into(f, view: memoryview) -> None:
         done += n
 
 
-def restore(path: str | os.PathLike, *, kvm: Kvm | None = None,
+def restore(path: str | os.PathLike, factory: Callable[..., Machine], *, kvm: Kvm | None = None,
             setup: Callable[[Machine], object] | None = None, strict: bool = True) -> Machine:
-    """A new Machine that continues where the snapshot at `path` stopped: `run()` it.
+    """A new machine (made by `factory`, the Machine class) that continues where the snapshot
+    at `path` stopped: `run()` it.
 
     `setup(machine)` recreates what the caller's code owns (devices, doorbells, interrupts)
     before states are loaded. With `strict`, a saved device state that no device of the new
     machine takes is an error (ValueError)."""
     header, data_start = read_header(path)
-    machine = build(header, kvm=kvm)
+    machine = build(header, factory, kvm=kvm)
     try:
         with open(path, "rb") as f:
             for region, entry in zip(machine_vm(machine).memory.regions(None), header["regions"]):
@@ -266,3 +267,21 @@ def _load_devices(machine: Machine, saved: list, strict: bool) -> None:
                                  f"{entry['length']:#x}: register it in setup()")
             continue
         device.load_state(state)
+
+
+class SnapshotMethods:
+    """`Machine.snapshot(path)` and `Machine.restore(path)` (Machine inherits this class)."""
+
+    def snapshot(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Write this paused machine (memory, every vCPU's and the VM's state, the state of
+        devices with save_state()/load_state()) to one file; returns its header."""
+        return snapshot(cast("Machine", self), path)
+
+    @classmethod
+    def restore(cls, path: str | os.PathLike, *, kvm: Kvm | None = None,
+                setup: Callable[[Machine], object] | None = None,
+                strict: bool = True) -> Machine:
+        """A new Machine continuing where the snapshot at `path` stopped. `setup(machine)`
+        recreates devices, doorbells and interrupts before the states are loaded."""
+        return restore(path, cast("Callable[..., Machine]", cls), kvm=kvm, setup=setup,
+                       strict=strict)

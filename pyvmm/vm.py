@@ -23,6 +23,7 @@ from .memory import (
     GuestMemory,
     MemoryRegion,
 )
+from .state.methods import VmStateMethods
 from .vcpu import Vcpu
 from .vm_requests import (
     check_gsi,
@@ -41,7 +42,7 @@ __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 log = logging.getLogger("pyvmm")
 
 
-class Vm:
+class Vm(VmStateMethods):
     role = "vm"
 
     def __init__(self, fd: int, config: VmConfig, *, kvm: Any = None) -> None:
@@ -430,71 +431,7 @@ class Vm:
                 f"regions={len(self.memory.regions())})")
 
     # -- x86 state --
-    # Thin faces of pyvmm.state (the ioctl and struct work lives there).
-
-    def get_clock(self):
-        """KVM_GET_CLOCK: a `pyvmm.state.ClockData` (kvmclock ns)."""
-        from .state import vm_state
-        return vm_state.get_clock(self)
-
-    def set_clock(self, clock, *, realtime: bool = False) -> None:
-        """KVM_SET_CLOCK to a ClockData or a number of ns."""
-        from .state import vm_state
-        vm_state.set_clock(self, clock, realtime=realtime)
-
-    def get_irqchip(self, chip: int):
-        """KVM_GET_IRQCHIP: chip 0 PIC master, 1 PIC slave (PicState), 2 IOAPIC (IoapicState)."""
-        from .state import vm_state
-        return vm_state.get_irqchip(self, chip)
-
-    def set_irqchip(self, chip: int, state) -> None:
-        """KVM_SET_IRQCHIP of one controller."""
-        from .state import vm_state
-        vm_state.set_irqchip(self, chip, state)
-
-    def get_pit(self):
-        """KVM_GET_PIT2: a `pyvmm.state.PitState`."""
-        from .state import vm_state
-        return vm_state.get_pit(self)
-
-    def set_pit(self, state) -> None:
-        """KVM_SET_PIT2."""
-        from .state import vm_state
-        vm_state.set_pit(self, state)
-
-    def set_identity_map_addr(self, addr: int) -> None:
-        """KVM_SET_IDENTITY_MAP_ADDR (before creating vCPUs)."""
-        from .state import vm_state
-        vm_state.set_identity_map_addr(self, addr)
-
-    def enable_manual_dirty_log(self, *, initially_set: bool = False) -> int:
-        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: dirty pages are re-protected by clear_dirty_log."""
-        from .state import vm_state
-        return vm_state.enable_manual_dirty_log(self, initially_set=initially_set)
-
-    def clear_dirty_log(self, region, first_page: int = 0, num_pages: int | None = None) -> None:
-        """KVM_CLEAR_DIRTY_LOG of pages of `region` (all by default)."""
-        from .state import vm_state
-        vm_state.clear_dirty_log(self, region, first_page, num_pages)
-
-    def set_log_dirty(self, region, enabled: bool = True) -> None:
-        """Turn dirty-page logging of a live `region` on or off (KVM_SET_USER_MEMORY_REGION
-        of the same slot with the flag toggled): turned on, KVM logs writes from now on."""
-        with self._lock:
-            if not self.memory.owns(region) or region.alias_of is not None:
-                raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
-            flags = (KVM_MEM_READONLY if region.readonly else 0) | (
-                KVM_MEM_LOG_DIRTY_PAGES if enabled else 0)
-            self.set_user_memory_region(region.kernel_slot, flags, region.guest_addr,
-                                        region.size, region.host_addr)
-            region.log_dirty = bool(enabled)
-
-    def save_state(self):
-        """The VM-wide state (clock, PICs, IOAPIC, PIT): a picklable `pyvmm.state.VmState`."""
-        from .state import vm_state
-        return vm_state.save_vm_state(self)
-
-    def load_state(self, state) -> None:
-        """Load a VmState into this VM (which has the same in-kernel devices)."""
-        from .state import vm_state
-        vm_state.load_vm_state(self, state)
+    # get/set_clock, get/set_irqchip, get/set_pit, set_identity_map_addr,
+    # enable_manual_dirty_log, clear_dirty_log, set_log_dirty, enable_dirty_ring,
+    # reset_dirty_rings, save_state, load_state:
+    # inherited from pyvmm.state.methods.VmStateMethods (the ioctl work is in pyvmm.state).
