@@ -29,7 +29,7 @@ def one(memory_mb: int, pages: int, steps: int, spin: int, threshold: int) -> bo
               f"({memory_mb} MiB of RAM)")
         print("  round      pages       MiB   seconds   pages/s")
         last = len(result.rounds) - 1
-        for i, (n, secs) in enumerate(zip(result.rounds, result.round_seconds)):
+        for i, (n, secs) in enumerate(zip(result.rounds, result.round_seconds, strict=True)):
             name = "stop+copy" if i == last else str(i)
             rate = f"{n / secs:9.0f}" if secs > 0 else "        -"
             print(f"  {name:>9} {n:>8} {n * 4096 / (1 << 20):>9.1f} {secs:>9.4f} {rate}")

@@ -89,7 +89,8 @@ def migrate(source: Machine, *, kvm: Kvm | None = None,
     try:
         for region in regions:
             snapshot.machine_vm(source).set_log_dirty(region, True)          # logging from here on
-        pairs = [(r, r.view(), t.view()) for r, t in zip(regions, snapshot.machine_vm(target).memory.regions(None))]
+        target_regions = snapshot.machine_vm(target).memory.regions(None)
+        pairs = [(r, r.view(), t.view()) for r, t in zip(regions, target_regions, strict=True)]
         outcome: dict[str, RunResult] = {}
         runner = threading.Thread(target=lambda: outcome.setdefault(
             "result", source.run(timeout=run_timeout)), name="pyvmm-migration-source")

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     from .machine import Machine
     from .vm import Vm
 
-__all__ = ["FORMAT", "MAGIC", "SnapshotMethods", "Stateful", "build", "layout", "load_paused_state", "machine_vm",
-           "paused_state", "read_header", "restore", "snapshot"]
+__all__ = ["FORMAT", "MAGIC", "SnapshotMethods", "Stateful", "build", "layout",
+           "load_paused_state", "machine_vm", "paused_state", "read_header", "restore",
+           "snapshot"]
 
 MAGIC = b"pyvmm snapshot\n\0"
 FORMAT = 1
@@ -159,7 +160,7 @@ def load_paused_state(machine: Machine, saved: dict[str, Any], *, strict: bool =
     if [s.vcpu_id for s in vcpu_states] != [v.id for v in machine.vcpus]:
         raise ValueError("the saved vCPU states do not match the machine's vCPUs")
     machine_vm(machine).load_state(vm_state)
-    for vcpu, state in zip(machine.vcpus, vcpu_states):
+    for vcpu, state in zip(machine.vcpus, vcpu_states, strict=True):
         vcpu.load_state(state)
         vcpu.cpuid_set = True
     _load_devices(machine, saved.get("devices", []), strict)
@@ -175,7 +176,7 @@ def snapshot(machine: Machine, path: str | os.PathLike) -> dict[str, Any]:
     header["regions"] = []
     offset = 0
     views = []
-    for region, entry in zip(regions, layout(machine)["regions"]):
+    for region, entry in zip(regions, layout(machine)["regions"], strict=True):
         view = region.view()
         runs = _nonzero_runs(view)
         header["regions"].append(dict(entry, offset=offset, runs=runs))
@@ -239,7 +240,8 @@ def restore(path: str | os.PathLike, factory: Callable[..., Machine], *, kvm: Kv
     machine = build(header, factory, kvm=kvm)
     try:
         with open(path, "rb") as f:
-            for region, entry in zip(machine_vm(machine).memory.regions(None), header["regions"]):
+            built = machine_vm(machine).memory.regions(None)
+            for region, entry in zip(built, header["regions"], strict=True):
                 view = region.view()
                 f.seek(data_start + int(entry["offset"]))
                 for first, count in entry["runs"]:

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, cast
 from . import dirty_ring, vm_state
 
 if TYPE_CHECKING:
-    from ..memory import MemoryRegion
     from ..vm import Vm
 
 __all__ = ["VmStateMethods"]
