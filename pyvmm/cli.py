@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .caps import Cap
 
@@ -120,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
 
 
-def _run_under_gdb(machine, payload, args: argparse.Namespace):
+def _run_under_gdb(machine: Any, payload: Any, args: argparse.Namespace) -> Any:
     import shlex
 
     from .gdb import GdbServer

@@ -225,9 +225,7 @@ class InternalErrorExit(Exit):
 
 
 class DebugExit(Exit):
-    """A guest-debugging stop (Vcpu.set_guest_debug): `exception` 1 (#DB: a single step or a
-    debug-register match, the cause in `dr6`) or 3 (#BP: an int3 at `pc`, a linear address).
-    `dr7` is the guest's own DR7."""
+    """A guest-debugging stop: `exception` 1 (#DB, the cause in `dr6`) or 3 (#BP, at `pc`)."""
 
     __slots__ = ("dr6", "dr7", "exception", "pc")
     exit_reason = _R.DEBUG
@@ -235,18 +233,10 @@ class DebugExit(Exit):
     def __init__(self, exception: int, pc: int, dr6: int, dr7: int):
         self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
 
-    @property
-    def single_step(self) -> bool:
-        """DR6.BS: the stop follows a single step."""
-        return self.exception == 1 and bool(self.dr6 >> 14 & 1)
-
-    @property
-    def breakpoints(self) -> tuple[int, ...]:
-        """DR6.B0-B3: the hardware breakpoint slots (0-3, in the order given to
-        set_guest_debug) that matched."""
-        if self.exception != 1:
-            return ()
-        return tuple(i for i in range(4) if self.dr6 >> i & 1)
+    single_step = property(lambda self: self.exception == 1 and bool(self.dr6 >> 14 & 1),
+                           doc="DR6.BS: the stop follows a single step.")
+    breakpoints = property(lambda self: tuple(i for i in range(4) if self.dr6 >> i & 1)
+                           if self.exception == 1 else (), doc="DR6.B0-B3: the slots hit.")
 
 
 class ExceptionExit(Exit):

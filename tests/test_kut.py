@@ -16,7 +16,7 @@ import pytest
 from pyvmm.kut.command import select_tests, table, to_json
 from pyvmm.kut.config import (KutTest, find_tests, load_tests, machine_params, parse_cfg,
                               parse_timeout)
-from pyvmm.kut.cpu import FEATURES, apply_cpu, parse_cpu
+from pyvmm.kut.cpu import FEATURES, apply_cpu, kernel_emulated, parse_cpu
 from pyvmm.kut.runner import (Outcome, count_lines, environment, not_applicable, qemu_binary,
                               qemu_command, run_pyvmm, run_qemu, status_from_exit)
 from pyvmm.testing.plugin import require_kvm
@@ -115,6 +115,13 @@ def test_cpu_flags_change_the_cpuid_table(kvm):
     has_vmx = getattr(leaf.get((fn, sub)), reg, 0) >> bit & 1
     _, notes = apply_cpu(supported, parse_cpu("max,+vmx"))
     assert bool(notes) == (not has_vmx)
+    # TSC-deadline: KVM emulates it (a capability) though its supported CPUID omits it
+    emulated = kernel_emulated(kvm)
+    table, notes = apply_cpu(supported, parse_cpu("qemu64,+tsc-deadline"), emulated=emulated)
+    fn, sub, reg, bit = FEATURES["tsc-deadline"]
+    got = {(e.function, e.index): e for e in table}
+    assert getattr(got[(fn, sub)], reg) >> bit & 1 == ("tsc-deadline" in emulated)
+    assert not notes or "tsc-deadline" not in emulated
 
 
 def test_output_counts_and_exit_statuses():

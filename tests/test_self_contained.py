@@ -62,3 +62,10 @@ def test_host_notes_are_in_the_repository():
     for fact in ("kvm_pvm", "stock KVM", "TSS I/O bitmap", "MXCSR", "ENOSPC", "IDT limit",
                  "SSE", "udev"):
         assert fact in text, fact
+
+
+def test_the_udev_rule_is_the_same_everywhere():
+    from pyvmm.errors import KVM_UDEV_RULE
+
+    for doc in ("docs/HOSTS.md", "docs/CI.md", ".github/workflows/ci.yml"):
+        assert KVM_UDEV_RULE in (ROOT / doc).read_text(), doc

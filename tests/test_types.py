@@ -39,6 +39,13 @@ def stub_text() -> str:
     return "\n".join(lines) + "\n"
 
 
+def need_mypy() -> None:
+    if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None:
+        if os.environ.get("CI"):  # .ci/run installs the type extra
+            pytest.fail("mypy is not installed", pytrace=False)
+        pytest.skip("mypy is not installed (pip install -e '.[type]')")
+
+
 def test_py_typed_is_shipped():
     assert (ROOT / "pyvmm" / "py.typed").is_file()
     assert '"pyvmm" = ["py.typed"' in (ROOT / "pyproject.toml").read_text()
@@ -56,10 +63,7 @@ def test_caps_stub_matches_the_header():
 
 def test_mypy_sees_cap_members(tmp_path):
     """A user's code type-checks against Cap's members and catches a misspelt one."""
-    if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None:
-        if os.environ.get("CI"):  # .ci/run installs the type extra
-            pytest.fail("mypy is not installed", pytrace=False)
-        pytest.skip("mypy is not installed (pip install -e '.[type]')")
+    need_mypy()
     good = tmp_path / "good.py"
     good.write_text("from pyvmm import Cap, Kvm\n\nn: int = Cap.IOEVENTFD + Cap.X86_SMM.value\n")
     bad = tmp_path / "bad.py"
@@ -74,10 +78,7 @@ def test_mypy_sees_cap_members(tmp_path):
 def test_mypy_passes_on_the_package(tmp_path):
     """What `tox -e type` runs: mypy over pyvmm (the config in pyproject.toml lists the modules
     whose known errors are not reported yet) and the benchmark library."""
-    if shutil.which("mypy", path=str(Path(sys.executable).parent)) is None:
-        if os.environ.get("CI"):
-            pytest.fail("mypy is not installed", pytrace=False)
-        pytest.skip("mypy is not installed (pip install -e '.[type]')")
+    need_mypy()
     proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"),
                            "pyvmm", "bench/benchlib.py"], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)

@@ -18,7 +18,8 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["BASE_MODELS", "FEATURES", "CpuSpec", "apply_cpu", "parse_cpu"]
+__all__ = ["BASE_MODELS", "FEATURES", "CpuSpec", "apply_cpu", "kernel_emulated",
+           "parse_cpu"]
 
 #: flag name -> (leaf, subleaf, register, bit); bit positions are the architectural ones.
 FEATURES: dict[str, tuple[int, int, str, int]] = {
@@ -86,9 +87,22 @@ def parse_cpu(value: str) -> CpuSpec:
     return spec
 
 
-def apply_cpu(entries: Iterable, spec: CpuSpec) -> tuple[list, list[str]]:
+#: KVM_CAP_TSC_DEADLINE_TIMER: KVM emulates the LAPIC's TSC-deadline mode, a feature KVM's
+#: supported CPUID does not list (QEMU sets the bit when this capability is there).
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+
+
+def kernel_emulated(kvm) -> frozenset[str]:
+    """Features KVM gives a guest that KVM_GET_SUPPORTED_CPUID does not list."""
+    return frozenset({"tsc-deadline"} if kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER)
+                     else ())
+
+
+def apply_cpu(entries: Iterable, spec: CpuSpec, *,
+              emulated: frozenset[str] = frozenset()) -> tuple[list, list[str]]:
     """The CPUID table `entries` (KVM's supported one) changed as `spec` says, and notes for
-    what KVM could not give (a +flag the supported table lacks)."""
+    what KVM could not give (a +flag the supported table lacks). A +flag in `emulated` (see
+    `kernel_emulated`) is set even where the table lacks it."""
     table = [dataclasses.replace(e) for e in entries]
     notes: list[str] = []
     supported = {(e.function, e.index): e for e in table}
@@ -104,7 +118,9 @@ def apply_cpu(entries: Iterable, spec: CpuSpec) -> tuple[list, list[str]]:
     for name in spec.set:
         leaf, sub, reg, bit = FEATURES[name]
         e = entry(leaf, sub)
-        if e is None or not getattr(e, reg) >> bit & 1:
+        if e is not None and name in emulated:
+            setattr(e, reg, getattr(e, reg) | 1 << bit)
+        elif e is None or not getattr(e, reg) >> bit & 1:
             notes.append(f"+{name}: not supported by this host's KVM (dropped, as QEMU does)")
     if spec.vendor is not None:
         e = entry(0, 0)

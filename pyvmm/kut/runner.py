@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..exits import InternalErrorExit
 from .config import KutTest, machine_params
-from .cpu import apply_cpu, parse_cpu
+from .cpu import apply_cpu, kernel_emulated, parse_cpu
 
 __all__ = ["STATUSES", "Outcome", "count_lines", "environment", "not_applicable",
            "qemu_command", "run_pyvmm", "run_qemu", "status_from_exit"]
@@ -160,6 +160,16 @@ def _per_vcpu_cpuid(table: list, apic_id: int) -> list:
     return out
 
 
+def _insn_bytes(data: tuple[int, ...], shown: int = 8) -> str:
+    # An emulation failure with flag 1 carries the bytes KVM fetched at RIP: data[0] the
+    # flags, then a u8 length and up to 15 bytes from the low byte of data[1] on.
+    if len(data) < 3 or not data[0] & 1:
+        return ""
+    raw = b"".join(int(word).to_bytes(8, "little") for word in data[1:3])
+    size = min(raw[0], len(raw) - 1, shown)
+    return f", bytes {raw[1:1 + size].hex(' ')}" if size else ""
+
+
 def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None = None,
               explicit: bool = False, console: Callable[[str], None] | None = None,
               platform_hook: Callable | None = None) -> Outcome:
@@ -188,7 +198,8 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
             machine = pc.machine
             kvm = machine.kvm
             assert kvm is not None  # an open machine has its Kvm
-            table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec)
+            table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec,
+                                             emulated=kernel_emulated(kvm))
             for vcpu in machine.vcpus:
                 vcpu.set_cpuid(_per_vcpu_cpuid(table, vcpu.id))
             if console is not None:
@@ -213,7 +224,8 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
                 if isinstance(event, InternalErrorExit) and event.suberror == 1:
                     rip = machine.vcpus[result.vcpu or 0].get_regs().rip
                     outcome.reason += (f" (KVM's instruction emulator failed at RIP "
-                                       f"{rip:#x}: KVM_INTERNAL_ERROR_EMULATION)")
+                                       f"{rip:#x}{_insn_bytes(event.data)}: "
+                                       f"KVM_INTERNAL_ERROR_EMULATION)")
                 elif event is not None:
                     outcome.reason += f" ({event})"
     except Exception as err:  # a broken image or device: this test's ERROR, not the run's
@@ -278,16 +290,23 @@ def run_qemu(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None
                                   timeout=limit)
         except subprocess.TimeoutExpired as err:
             output = (err.stdout or b"").decode("utf-8", "replace")
+            stderr = (err.stderr or b"").decode("utf-8", "replace")
+            reason = f"no exit after {limit:g} s"
+            internal = re.search(r"KVM internal error\. Suberror: (\d+)", stderr)
+            if internal:
+                # QEMU pauses the VM on an emulation failure and waits: say what happened.
+                reason += (f" (QEMU paused on a KVM internal error, suberror "
+                           f"{internal.group(1)})")
             return _finish(Outcome("TIMEOUT", output=output, seconds=time.perf_counter() - start,
-                                   reason=f"no exit after {limit:g} s"))
+                                   reason=reason))
         seconds = time.perf_counter() - start
     output = proc.stdout.decode("utf-8", "replace")
     outcome = Outcome("FAIL", output=output, seconds=seconds, exit_status=proc.returncode)
     if proc.returncode > 0 and proc.returncode & 1:
         outcome.status = status_from_exit(proc.returncode)
     else:
-        stderr = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        outcome.status = "ERROR" if proc.returncode not in (0,) and not output else "FAIL"
+        errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        outcome.status = "ERROR" if proc.returncode != 0 and not output else "FAIL"
         outcome.reason = (f"QEMU exited with {proc.returncode}"
-                          + (f": {stderr[-1]}" if stderr else ""))
+                          + (f": {errors[-1]}" if errors else ""))
     return _finish(outcome)
