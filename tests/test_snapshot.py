@@ -240,3 +240,20 @@ def test_idle_memory_is_left_out_and_bad_files_are_refused(kvm, tmp_path):
     (tmp_path / "damaged.snap").write_bytes(data[:40] + b"\xff" * 20 + data[60:])
     with pytest.raises(ValueError):
         Machine.restore(tmp_path / "damaged.snap", kvm=kvm)
+
+
+def test_ap_with_init_and_sipi_still_pending(kvm, tmp_path):
+    """Only the BSP runs: it sends INIT-SIPI-SIPI and waits for the AP at the start barrier.
+    The AP never ran, so KVM still holds the INIT and SIPI as pending events when the machine
+    is saved; restored, the AP must start at the SIPI vector (and not wait for a SIPI again,
+    which is what a state that re-latches the INIT would make it do)."""
+    n, k = 2, 200
+    with _smp_machine(kvm, n) as m:
+        m.load("smp", regs={"rdi": n, "rsi": k, "r8": PORT, "r9": 1})
+        first = m.run(timeout=0.5, vcpus=[0])
+        assert first.stop == "timeout" and not first.reports
+        m.snapshot(tmp_path / "sipi.snap")
+    with Machine.restore(tmp_path / "sipi.snap", kvm=kvm) as m2:
+        rest = m2.run(timeout=60)
+    assert rest.ok, rest
+    assert [r.value64 for r in rest.reports if r.tag == TAG_TOTAL] == [k * (k + 1) // 2]

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """`VcpuState`: everything KVM needs to resume one x86 vCPU exactly, and the save/load of it.
 
-What is saved (in the order the KVM selftests' vcpu_save_state reads it): vCPU events, MP
-state, general registers, XSAVE (or the legacy FPU where the host has no XSAVE), XCRs, special
+What is saved (in about the order the KVM selftests' vcpu_save_state reads it, but MP state
+first, see save_vcpu_state): MP state, vCPU events, general registers, XSAVE (or the legacy FPU where the host has no XSAVE), XCRs, special
 registers, nested state (where the host has it), the MSRs of KVM's save list
 (KVM_GET_MSR_INDEX_LIST) and of its feature list (KVM_GET_MSR_FEATURE_INDEX_LIST) that this
 vCPU can read, debug registers, the local APIC (with an in-kernel irqchip), the CPUID table and
@@ -171,8 +171,12 @@ def save_vcpu_state(vcpu: Vcpu, *, complete_io: bool = True) -> VcpuState:
         raise RuntimeError(f"vCPU {vcpu.id} is running: stop it before saving its state")
     if complete_io:
         vcpu.complete_io()
-    events = vcpu.get_events()
+    # MP state first: reading it makes KVM accept a pending INIT/SIPI (resetting an AP or
+    # starting it at the SIPI vector), which changes the events (latched_init) and registers
+    # read after it. Read the other way round, a state saved while an INIT was pending
+    # would latch that INIT again on load and put a started AP back to wait for a SIPI.
     mp_state = vcpu.get_mp_state()
+    events = vcpu.get_events()
     regs = vcpu.get_regs()
     xsave = fpu = None
     if host.check_extension(Cap.XSAVE):
