@@ -2,11 +2,11 @@
 """`VcpuState`: everything KVM needs to resume one x86 vCPU exactly, and the save/load of it.
 
 What is saved (in about the order the KVM selftests' vcpu_save_state reads it, but MP state
-first, see save_vcpu_state): MP state, vCPU events, general registers, XSAVE (or the legacy
-FPU where the host has no XSAVE), XCRs, special registers, nested state (where the host has it), the MSRs of KVM's save list
-(KVM_GET_MSR_INDEX_LIST) and of its feature list (KVM_GET_MSR_FEATURE_INDEX_LIST) that this
-vCPU can read, debug registers, the local APIC (with an in-kernel irqchip), the CPUID table and
-the TSC frequency.
+first, see save_vcpu_state): MP state, vCPU events, general registers, XSAVE (or the legacy FPU
+where the host has no XSAVE), XCRs, special registers, nested state (where the host has it),
+the MSRs of KVM's save list (KVM_GET_MSR_INDEX_LIST) and of its feature list
+(KVM_GET_MSR_FEATURE_INDEX_LIST) that this vCPU can read, debug registers, the local APIC (with
+an in-kernel irqchip), the CPUID table and the TSC frequency.
 
 Loading follows api.rst's constraints: CPUID first (it decides which MSRs and XSAVE features
 are valid, and cannot change after the first KVM_RUN), the TSC frequency before any TSC value,
