@@ -222,6 +222,8 @@ class UnknownExit(Exit):
 
 _UNION = ffi.offsetof("struct kvm_run", "hw")
 _MMIO_DATA = _UNION + 8
+#: Where kvm_run.mmio.data is in the vCPU's page (for Vcpu.run()'s fast path).
+MMIO_DATA_OFFSET = _MMIO_DATA
 
 
 # The two hottest exits are unpacked straight from the page: one struct call is several times

@@ -23,6 +23,7 @@ from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
 from .smp import run_threads
+from .snapshot import SnapshotMethods
 from .vcpu import Vcpu
 from .vm import Vm
 from .vcpu_state import MpState
@@ -32,8 +33,7 @@ STOPS = _STOPS
 
 #: The stack each vCPU gets below the previous one's in a host-set SMP start.
 AP_STACK_SIZE = 0x1000
-#: How long run() waits at its end for doorbell callbacks still running: one that never
-#: returns must not hold run() forever.
+#: Seconds run() waits at its end for doorbell callbacks (one may never return).
 FLUSH_TIMEOUT = 5.0
 
 
@@ -42,7 +42,7 @@ ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-class Machine:
+class Machine(SnapshotMethods):
     """A VM ready to run payloads.
 
         with Machine() as m:
@@ -231,9 +231,8 @@ class Machine:
         return bell
 
     def msi_interrupt(self, vector: int, *, address: int = MSI_ADDRESS) -> Interrupt:
-        """An irqfd whose GSI is routed to an MSI (`vector`, to local APIC 0 by default):
-        the interrupt reaches the LAPIC directly, with no IOAPIC programming in the guest.
-        Needs Machine(irqchip=True); see `pyvmm.devices.interrupt.GsiRouting`."""
+        """An irqfd on a new GSI routed to an MSI (`vector`, to local APIC 0 by default): it
+        reaches the LAPIC directly, no IOAPIC programming. Needs Machine(irqchip=True)."""
         irq = self._gsi_routing().msi_interrupt(vector, address=address)
         self.interrupts.append(irq)
         return irq
@@ -247,8 +246,7 @@ class Machine:
 
     def _gsi_routing(self) -> GsiRouting:
         if self._routing is None:
-            raise ValueError("irqfd interrupts need the in-kernel irqchip: "
-                             "Machine(irqchip=True)")
+            raise ValueError("irqfd interrupts need the in-kernel irqchip: Machine(irqchip=True)")
         return self._routing
 
     # -- running -------------------------------------------------------------------------
@@ -390,9 +388,13 @@ class Machine:
         return info
 
     def load_linux(self, kernel, *, initrd=None, cmdline: str = ""):
-        """Load a Linux kernel (a path or its bytes: an ELF vmlinux through its PVH entry, a
-        bzImage through its 64-bit entry), its `initrd` and `cmdline` into this machine's RAM
-        at 0 and set vCPU 0 at its entry; see `pyvmm.loaders.linux.load_linux`."""
+        """Load a Linux kernel (a path or bytes: ELF vmlinux by its PVH entry, bzImage by its
+        64-bit entry), `initrd` and `cmdline` into RAM at 0, vCPU 0 at its entry (see
+        `pyvmm.loaders.linux.load_linux`)."""
         from .loaders.linux import load_linux
 
         return load_linux(self, kernel, initrd=initrd, cmdline=cmdline)
+
+    # -- x86 state --
+    # snapshot(path) and Machine.restore(path): inherited from
+    # pyvmm.snapshot.SnapshotMethods (the file format and the work live there).

@@ -314,3 +314,27 @@ msg_end:
     # One interrupt per byte (each byte is sent by the handler); the one after the last byte
     # may come after the guest turned IER off.
     assert len("by interrupt\n") <= result.values[0] <= len("by interrupt\n") + 1
+
+
+def test_lookup_by_index_and_by_bisect_agree():
+    """Short mappings are found through the address index, long ones by bisect; both refuse
+    an access that runs past the end, and re-registration republishes the index."""
+    from pyvmm.devices.bus import INDEXED_LENGTH, Memory, MmioBus
+
+    bus = MmioBus()
+    small, big = Memory(8), Memory(INDEXED_LENGTH * 4)
+    bus.register(0x1000, 8, small)
+    bus.register(0x100000, INDEXED_LENGTH * 4, big)
+    assert bus.find(0x1000).device is small and bus.find(0x1007).device is small
+    assert bus.find(0x1007, 2) is None and bus.find(0x1008) is None and bus.find(0xFFF) is None
+    assert bus.find(0x100000 + INDEXED_LENGTH * 2, 4).device is big
+    assert bus.find(0x100000 + INDEXED_LENGTH * 4 - 2, 4) is None
+    bus.write(0x1006, b"\x01\x02")
+    bus.write(0x1007, b"\x01\x02")          # past the end: unclaimed, not truncated
+    assert small.data[6:8] == b"\x01\x02" and bus.unclaimed_writes == 1
+    bus.write(0x100010, b"\xaa")
+    assert big.data[0x10] == 0xAA
+    bus.unregister(small)
+    assert bus.find(0x1000) is None
+    bus.write(0x1000, b"\x00")
+    assert bus.unclaimed_writes == 2
