@@ -389,3 +389,36 @@
 #define KVM_GUESTDBG_INJECT_DB 262144
 #define KVM_GUESTDBG_INJECT_BP 524288
 #define KVM_GUESTDBG_BLOCKIRQ 1048576
+
+/* ---- x86 state: save/restore of vCPUs and VMs (pyvmm.state) ---- */
+/* kvm_run.kvm_valid_regs / kvm_dirty_regs */
+#define KVM_SYNC_X86_REGS 1
+#define KVM_SYNC_X86_SREGS 2
+#define KVM_SYNC_X86_EVENTS 4
+/* KVM_GET/SET_IRQCHIP chip_id */
+#define KVM_IRQCHIP_PIC_MASTER 0
+#define KVM_IRQCHIP_PIC_SLAVE 1
+#define KVM_IRQCHIP_IOAPIC 2
+#define KVM_IOAPIC_NUM_PINS 24
+#define KVM_MAX_XCRS 16
+/* kvm_clock_data.flags */
+#define KVM_CLOCK_TSC_STABLE 2
+#define KVM_CLOCK_REALTIME 4
+#define KVM_CLOCK_HOST_TSC 8
+/* kvm_pit_state2.flags */
+#define KVM_PIT_FLAGS_HPET_LEGACY 1
+#define KVM_PIT_FLAGS_SPEAKER_DATA_ON 2
+/* kvm_nested_state */
+#define KVM_STATE_NESTED_FORMAT_VMX 0
+#define KVM_STATE_NESTED_FORMAT_SVM 1
+#define KVM_STATE_NESTED_GUEST_MODE 1
+#define KVM_STATE_NESTED_RUN_PENDING 2
+#define KVM_STATE_NESTED_EVMCS 4
+/* kvm_dirty_log flags for KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 */
+#define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1
+#define KVM_DIRTY_LOG_INITIALLY_SET 2
+
+/* ---- x86 state: dirty-page rings (pyvmm.state.dirty_ring) ---- */
+#define KVM_DIRTY_LOG_PAGE_OFFSET 64
+#define KVM_DIRTY_GFN_F_DIRTY 1
+#define KVM_DIRTY_GFN_F_RESET 2

@@ -272,3 +272,11 @@ struct kvm_translation {
     uint8_t  usermode;
     uint8_t  pad[5];
 };
+
+/* ---- x86 state: dirty-page rings (pyvmm.state.dirty_ring) ----
+ * One entry of a vCPU's dirty ring, mmapped from the vCPU fd at page KVM_DIRTY_LOG_PAGE_OFFSET. */
+struct kvm_dirty_gfn {
+    uint32_t flags;
+    uint32_t slot;
+    uint64_t offset;
+};

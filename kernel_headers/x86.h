@@ -158,3 +158,131 @@ struct kvm_pit_config {
     uint32_t flags;
     uint32_t pad[15];
 };
+
+/* ---- x86 state: save/restore of vCPUs and VMs (pyvmm.state) -------------------------------
+ * arch/x86/include/uapi/asm/kvm.h. Bit-fields are left out (the IOAPIC redirection entries are
+ * plain u64 words) so that every member has an offset the ABI probe can check. */
+
+/* KVM_GET_XSAVE/SET_XSAVE use exactly this; KVM_GET_XSAVE2 fills KVM_CAP_XSAVE2 bytes. */
+struct kvm_xsave {
+    uint32_t region[1024];
+    uint32_t extra[];
+};
+
+struct kvm_xcr {
+    uint32_t xcr;
+    uint32_t reserved;
+    uint64_t value;
+};
+
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[16];
+    uint64_t padding[16];
+};
+
+struct kvm_debugregs {
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t dr7;
+    uint64_t flags;
+    uint64_t reserved[9];
+};
+
+struct kvm_vmx_nested_state_hdr {
+    uint64_t vmxon_pa;
+    uint64_t vmcs12_pa;
+    struct {
+        uint16_t flags;
+    } smm;
+    uint16_t pad;
+    uint32_t flags;
+    uint64_t preemption_timer_deadline;
+};
+
+struct kvm_svm_nested_state_hdr {
+    uint64_t vmcb_pa;
+};
+
+/* Variable length: `size` bytes in all, the vendor's data after the 128-byte header. */
+struct kvm_nested_state {
+    uint16_t flags;
+    uint16_t format;
+    uint32_t size;
+    union {
+        struct kvm_vmx_nested_state_hdr vmx;
+        struct kvm_svm_nested_state_hdr svm;
+        uint8_t pad[120];
+    } hdr;
+    uint8_t data[];
+};
+
+struct kvm_pic_state {
+    uint8_t last_irr;
+    uint8_t irr;
+    uint8_t imr;
+    uint8_t isr;
+    uint8_t priority_add;
+    uint8_t irq_base;
+    uint8_t read_reg_select;
+    uint8_t poll;
+    uint8_t special_mask;
+    uint8_t init_state;
+    uint8_t auto_eoi;
+    uint8_t rotate_on_auto_eoi;
+    uint8_t special_fully_nested_mode;
+    uint8_t init4;
+    uint8_t elcr;
+    uint8_t elcr_mask;
+};
+
+struct kvm_ioapic_state {
+    uint64_t base_address;
+    uint32_t ioregsel;
+    uint32_t id;
+    uint32_t irr;
+    uint32_t pad;
+    uint64_t redirtbl[24];
+};
+
+struct kvm_irqchip {
+    uint32_t chip_id;
+    uint32_t pad;
+    union {
+        char dummy[512];
+        struct kvm_pic_state pic;
+        struct kvm_ioapic_state ioapic;
+    } chip;
+};
+
+struct kvm_pit_channel_state {
+    uint32_t count;
+    uint16_t latched_count;
+    uint8_t  count_latched;
+    uint8_t  status_latched;
+    uint8_t  status;
+    uint8_t  read_state;
+    uint8_t  write_state;
+    uint8_t  write_latch;
+    uint8_t  rw_mode;
+    uint8_t  mode;
+    uint8_t  bcd;
+    uint8_t  gate;
+    int64_t  count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    uint32_t flags;
+    uint32_t reserved[9];
+};
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint32_t pad0;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    uint32_t pad[4];
+};

@@ -1,4 +1,4 @@
-"""The `pyvmm` command: info, run, demo, nested, bench, kut."""
+"""The `pyvmm` command: info, run, demo, migrate-demo, nested, bench, kut."""
 
 from __future__ import annotations
 
@@ -31,6 +31,16 @@ IMPORTANT_CAPS = [
     (Cap.NR_VCPUS, "recommended vCPUs per VM"),
     (Cap.MAX_VCPUS, "maximum vCPUs per VM"),
     (Cap.NR_MEMSLOTS, "memslots per VM"),
+    # x86 state: save/restore, snapshots, migration (pyvmm.state, pyvmm.snapshot)
+    (Cap.XSAVE2, "vcpu.get_xsave(): KVM_GET_XSAVE2, size of the XSAVE area"),
+    (Cap.XCRS, "vcpu.get_xcrs()/set_xcrs(): XCR0 in a saved state"),
+    (Cap.DEBUGREGS, "vcpu.get_debugregs()/set_debugregs()"),
+    (Cap.GET_TSC_KHZ, "vcpu.get_tsc_khz(): the guest TSC rate in a saved state"),
+    (Cap.TSC_CONTROL, "vcpu.set_tsc_khz() to another rate (TSC scaling)"),
+    (Cap.KVMCLOCK_CTRL, "vcpu.kvmclock_ctrl(): tell a paused guest's kvmclock"),
+    (Cap.NESTED_STATE, "vcpu.get_nested_state(): nested guests in a saved state (max size)"),
+    (Cap.ADJUST_CLOCK, "vm.get_clock()/set_clock(): kvmclock across a snapshot"),
+    (Cap.PIT_STATE2, "vm.get_pit()/set_pit(): the in-kernel PIT in a saved state"),
 ]
 
 
@@ -135,6 +145,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main(args.rings)
 
 
+def cmd_migrate_demo(args: argparse.Namespace) -> int:
+    from .migrate_demo import main
+
+    try:
+        return main(memory_mb=args.memory, pages=args.pages, steps=args.steps,
+                    spins=tuple(args.spin or (400, 50)), threshold=args.threshold)
+    except ValueError as err:
+        print(f"pyvmm migrate-demo: {err}", file=sys.stderr)
+        return 2
+
+
 def cmd_boot(args: argparse.Namespace) -> int:
     from .boot import main as boot_main
 
@@ -232,6 +253,16 @@ def _main(argv: list[str], debug: bool) -> int:
 
     boot_arguments(p)
     p.set_defaults(func=cmd_boot)
+
+    p = sub.add_parser("migrate-demo", help="live-migrate a guest that keeps writing memory")
+    p.add_argument("--memory", type=int, default=64, help="guest RAM in MiB")
+    p.add_argument("--pages", type=int, default=4093, help="pages of the buffer it writes")
+    p.add_argument("--steps", type=int, default=3_000_000, help="writes the guest makes")
+    p.add_argument("--spin", type=int, action="append", metavar="N",
+                   help="spins between two writes, one migration each (default 400 and 50)")
+    p.add_argument("--threshold", type=int, default=64,
+                   help="pre-copy ends when a round sends at most this many pages")
+    p.set_defaults(func=cmd_migrate_demo)
 
     p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")
     from .kut.command import add_arguments as kut_arguments

@@ -83,6 +83,29 @@ KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 KVM_SMI = _io(0xB7)
 
+# -- x86 state (pyvmm.state): save/restore of vCPUs and VMs -----------------------------
+# VM fd
+KVM_GET_IRQCHIP = _iowr(0x62, "struct kvm_irqchip")
+KVM_SET_IRQCHIP = _ior(0x63, "struct kvm_irqchip")   # sic: _IOR in the kernel's uapi
+KVM_SET_CLOCK = _iow(0x7B, "struct kvm_clock_data")
+KVM_GET_CLOCK = _ior(0x7C, "struct kvm_clock_data")
+KVM_GET_PIT2 = _ior(0x9F, "struct kvm_pit_state2")
+KVM_SET_PIT2 = _iow(0xA0, "struct kvm_pit_state2")
+# vCPU fd
+KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")
+KVM_SET_DEBUGREGS = _iow(0xA2, "struct kvm_debugregs")
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_GET_XSAVE = _ior(0xA4, "struct kvm_xsave")
+KVM_SET_XSAVE = _iow(0xA5, "struct kvm_xsave")
+KVM_GET_XCRS = _ior(0xA6, "struct kvm_xcrs")
+KVM_SET_XCRS = _iow(0xA7, "struct kvm_xcrs")
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+KVM_GET_NESTED_STATE = _iowr(0xBE, "struct kvm_nested_state")
+KVM_SET_NESTED_STATE = _iow(0xBF, "struct kvm_nested_state")
+KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
+KVM_RESET_DIRTY_RINGS = _io(0xC7)   # VM fd
+
 #: request number -> name, for error messages.
 NAMES: dict[int, str] = {}
 for _name, _value in list(globals().items()):

@@ -20,6 +20,7 @@ from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
 from .smp import run_threads
+from .snapshot import SnapshotMethods
 from .vcpu import Vcpu
 from .vm import Vm
 from .vcpu_state import MpState
@@ -36,7 +37,7 @@ ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-class Machine:
+class Machine(SnapshotMethods):
     """A VM ready to run payloads.
 
         with Machine() as m:
@@ -384,3 +385,7 @@ class Machine:
             if not vcpu.cpuid_set:
                 vcpu.set_supported_cpuid()
         return info
+
+    # -- x86 state --
+    # snapshot(path) and Machine.restore(path): inherited from
+    # pyvmm.snapshot.SnapshotMethods (the file format and the work live there).

@@ -24,6 +24,7 @@ from .runext import run_exit as _run_exit
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .kick import thread_state as _tls
 from .guestdebug import GuestDebugMixin
+from .state.vcpu_methods import VcpuStateMethods
 from .vcpu_state import VcpuStateMixin
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ _KVM_RUN = io.KVM_RUN
 _kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(libc, "ioctl"))
 
 
-class Vcpu(VcpuStateMixin, GuestDebugMixin):
+class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
     """One vCPU. Made by `Vm.create_vcpu()`, which gives it what it needs: the kvm_run size,
     a provider of the supported-CPUID buffer, the vendor, whether SMM exists, and a callback
     for when it closes. It holds no reference back to its VM."""

@@ -23,6 +23,7 @@ from .memory import (
     GuestMemory,
     MemoryRegion,
 )
+from .state.methods import VmStateMethods
 from .vcpu import Vcpu
 from .vm_caps import VmCapsMixin
 from .vm_requests import (
@@ -43,7 +44,7 @@ __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 log = logging.getLogger("pyvmm")
 
 
-class Vm(VmCapsMixin):
+class Vm(VmCapsMixin, VmStateMethods):
     role = "vm"
 
     def __init__(self, fd: int, config: VmConfig, *, kvm: Any = None) -> None:
@@ -374,3 +375,9 @@ class Vm(VmCapsMixin):
     def __repr__(self) -> str:
         return (f"Vm(fd={self._fd}, vcpus={sorted(self.vcpus)}, "
                 f"regions={len(self.memory.regions())})")
+
+    # -- x86 state --
+    # get/set_clock, get/set_irqchip, get/set_pit, set_identity_map_addr,
+    # enable_manual_dirty_log, clear_dirty_log, set_log_dirty, enable_dirty_ring,
+    # reset_dirty_rings, save_state, load_state:
+    # inherited from pyvmm.state.methods.VmStateMethods (the ioctl work is in pyvmm.state).

@@ -138,7 +138,7 @@ def default_transport(vm, kvm_module: str | None) -> tuple[str, str]:
 
 class PvDma:
     """The paravirtual DMA device of one VM (see the module documentation for the protocol
-    and the error codes).
+    and the error codes)::
 
         with Machine() as m:
             transport, _why = default_transport(m.vm, hostinfo.kvm_module())
