@@ -28,6 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from types import EllipsisType
 from typing import TYPE_CHECKING
 
 from ..errors import MAX_KEPT_ERRORS, KvmError
@@ -133,13 +134,15 @@ class Doorbell:
             return rings
 
     def _call(self, rings: int) -> None:
+        callback, worker = self.callback, self.worker
+        assert callback is not None and worker is not None  # only a worker's doorbell calls
         try:
-            self.callback(self, rings)
+            callback(self, rings)
         except Exception as err:  # a device bug must not stop the doorbells
             self.error_count += 1
             if len(self.errors) < MAX_KEPT_ERRORS:
                 self.errors.append(err)
-            self.worker.report(self, err)
+            worker.report(self, err)
 
     def _deliver(self) -> None:
         rings = self._take()
@@ -153,7 +156,8 @@ class Doorbell:
         self._deliver()
         if self._finish_in_worker:
             self._finish_in_worker = False
-            self.worker.discard(self)
+            if self.worker is not None:
+                self.worker.discard(self)
             self._finish_removal()
 
     @property
@@ -205,7 +209,7 @@ class Doorbell:
     # -- moving and removing -------------------------------------------------------------
 
     def move(self, address: IoEventAddress, *, length: int | None = None,
-             datamatch: int | None | type(...) = ...) -> None:
+             datamatch: int | None | EllipsisType = ...) -> None:
         """Re-register at another address/length/datamatch while the guest may be running.
         Between the two ioctls the old address exits to userspace like any other access.
         The count carries over."""
