@@ -155,18 +155,15 @@ def test_tsc_khz(vm):
     for bad in (0, -1, 1 << 32, 1.5):
         with pytest.raises(ValueError):
             vcpu.set_tsc_khz(bad)
-    if not vm.check_extension(Cap.TSC_CONTROL):
+    # Neither kvm_pvm nor kvm_amd under QEMU TCG offers TSC scaling, so here the other rate
+    # is refused naming the capability; on a host with TSC_CONTROL it must take effect.
+    if vm.check_extension(Cap.TSC_CONTROL):
+        vcpu.set_tsc_khz(khz // 2)
+        assert abs(vcpu.get_tsc_khz() - khz // 2) <= 1
+    else:
         with pytest.raises(MissingCapability) as err:
             vcpu.set_tsc_khz(khz // 2)
         assert "TSC_CONTROL" in str(err.value)
-
-
-@pytest.mark.requires_cap(Cap.TSC_CONTROL)
-def test_set_tsc_khz_scales(vm):
-    vcpu = vm.create_vcpu()
-    khz = vcpu.get_tsc_khz()
-    vcpu.set_tsc_khz(khz // 2)
-    assert abs(vcpu.get_tsc_khz() - khz // 2) <= 1
 
 
 def test_kvmclock_ctrl_needs_a_guest_kvmclock(vm):
