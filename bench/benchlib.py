@@ -109,6 +109,11 @@ class CRef:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def run(self, n: int) -> tuple[float, int, int]:
+        seconds, rings, exits, _user, _sys = self.run_cpu(n)
+        return seconds, rings, exits
+
+    def run_cpu(self, n: int) -> tuple[float, int, int, float, float]:
+        """(wall seconds, rings, exits, user CPU seconds, system CPU seconds) of one run."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
             self.proc.stdin.write(f"{n}\n")
@@ -119,8 +124,8 @@ class CRef:
         if not line:
             code = self.proc.wait()
             raise RuntimeError(f"cref {self.mode} ended (status {code}) on count {n}")
-        ns, rings, exits = (int(x) for x in line.split())
-        return ns * 1e-9, rings, exits
+        ns, rings, exits, user, system = (int(x) for x in line.split())
+        return ns * 1e-9, rings, exits, user * 1e-9, system * 1e-9
 
     def close(self) -> None:
         if self.proc.poll() is None:

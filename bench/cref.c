@@ -13,7 +13,8 @@
  * The program then serves commands, one per line on stdin: a count N. It runs the guest with
  * RCX = N (the payloads' ring/round count) and answers one line "NS RINGS EXITS": the
  * nanoseconds the run took (CLOCK_MONOTONIC, from the first KVM_RUN to the guest's DONE), the
- * rings the C device counted, and the userspace exits seen. For MODE spawn, N micro-VMs are
+ * rings the C device counted, and the userspace exits seen, then "USER SYS": the process's user
+ * and system CPU time over the same region (getrusage, nanoseconds). For MODE spawn, N micro-VMs are
  * created, run to their end and closed, and RINGS counts those that finished with status 0.
  * An empty line or EOF ends the program.
  *
@@ -40,6 +41,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,6 +95,21 @@ static uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
+static uint64_t tv_ns(struct timeval tv)
+{
+	return (uint64_t)tv.tv_sec * 1000000000u + (uint64_t)tv.tv_usec * 1000u;
+}
+
+/* User and system CPU time of this process so far, in nanoseconds. */
+static void cpu_ns(uint64_t *user, uint64_t *sys)
+{
+	struct rusage ru;
+	if (getrusage(RUSAGE_SELF, &ru) < 0)
+		die("getrusage");
+	*user = tv_ns(ru.ru_utime);
+	*sys = tv_ns(ru.ru_stime);
 }
 
 static void read_exact(FILE *f, void *buf, size_t len)
@@ -402,11 +419,13 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
 		uint64_t n = strtoull(line, NULL, 0), rings = 0, exits = 0, t0, t1;
+		uint64_t u0, s0, u1, s1;
 
 		if (line[0] == '\n' || line[0] == 'q')
 			break;
 		if (spawn) {
 			struct vm s = {.run_size = v.run_size};
+			cpu_ns(&u0, &s0);
 			t0 = now_ns();
 			for (uint64_t i = 0; i < n; i++) {
 				vm_create(&s);
@@ -416,6 +435,7 @@ int main(int argc, char **argv)
 				vm_destroy(&s);
 			}
 			t1 = now_ns();
+			cpu_ns(&u1, &s1);
 		} else {
 			uint64_t before_rings = 0, before_irqs = 0;
 			if (pingpong) {
@@ -423,10 +443,12 @@ int main(int argc, char **argv)
 				before_irqs = __atomic_load_n(&dev.interrupts, __ATOMIC_RELAXED);
 			}
 			vm_reset(&v, n, 1);
+			cpu_ns(&u0, &s0);
 			t0 = now_ns();
 			uint32_t status = vm_run(&v, exit_pio ? (int)(uint16_t)st.regs.r8 : -1,
 						 exit_mmio ? st.regs.r9 : 0, &rings, &exits);
 			t1 = now_ns();
+			cpu_ns(&u1, &s1);
 			if (status != 0)
 				fail("guest finished with a nonzero status");
 			if (ioevent)
@@ -437,8 +459,9 @@ int main(int argc, char **argv)
 					fail("pingpong: interrupts differ from notifies");
 			}
 		}
-		printf("%llu %llu %llu\n", (unsigned long long)(t1 - t0),
-		       (unsigned long long)rings, (unsigned long long)exits);
+		printf("%llu %llu %llu %llu %llu\n", (unsigned long long)(t1 - t0),
+		       (unsigned long long)rings, (unsigned long long)exits,
+		       (unsigned long long)(u1 - u0), (unsigned long long)(s1 - s0));
 	}
 	if (pingpong) {
 		uint64_t one = 1;

@@ -47,9 +47,10 @@ HYPERCALL_PATH = "hypercall"
 def hypercalls_reach_userspace(kvm: Kvm) -> tuple[bool, str]:
     """Whether this host forwards KVM_HC_MAP_GPA_RANGE to userspace, and why (not)."""
     from .devices.pvdma import default_transport
+    from .testing.hostinfo import kvm_module
 
     with kvm.create_vm() as vm:
-        transport, why = default_transport(vm)
+        transport, why = default_transport(vm, kvm_module())
     return transport == "hypercall", why
 
 

@@ -39,7 +39,7 @@ def foreign_process(err: KvmError, creator_pid: int) -> KvmError:
     if pid == creator_pid or isinstance(err, ForeignProcessError):
         return err
     return ForeignProcessError(
-        err.errno, err.ioctl, err.role,
+        err.errno or 0, err.ioctl, err.role,
         f"KVM fds belong to the process that created the VM (pid {creator_pid}); this is pid "
         f"{pid}, a forked child: create a new Kvm/Machine in the child instead")
 

@@ -11,54 +11,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from enum import IntEnum
 from typing import Any
 
-from ._ffi import constants, ffi
-
-ExitReason = IntEnum("ExitReason", constants("KVM_EXIT_"), module=__name__)
-ExitReason.__doc__ = "KVM_EXIT_* numbers (kvm_run.exit_reason)."
+from ._ffi import ffi
+from .exit_answered import HypercallExit, MsrExit
+from .exit_base import Exit, ExitReason
 
 _R = ExitReason
-
-
-class Exit:
-    """Base of every exit. `exit_reason` is the KVM_EXIT_* number; `reason`, where an exit has
-    it, is that exit's own field (FailEntryExit, MsrExit, UnknownExit)."""
-
-    __slots__ = ()
-    exit_reason: int = -1
-
-    def _fields(self) -> dict[str, Any]:
-        out = {}
-        for cls in type(self).__mro__:
-            for name in getattr(cls, "__slots__", ()):
-                if not name.startswith("_"):
-                    value = getattr(self, name)
-                    if isinstance(value, memoryview):
-                        value = bytes(value)
-                    out[name] = value
-        return out
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self._fields().items())
-        return f"{type(self).__name__}({args})"
-
-    def detached(self) -> Exit:
-        """This exit with no reference into the vCPU's kvm_run page (data copied), to keep
-        after the next run() or after the vCPU is closed."""
-        return self
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self._fields() == other._fields()  # type: ignore[attr-defined]
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 9:
-        return hex(value)
-    return repr(value)
 
 
 class IoExit(Exit):
@@ -123,79 +82,6 @@ class IntrExit(Exit):
         self.timed_out = timed_out
 
 
-class _RunBacked(Exit):
-    """An exit with fields the host answers through kvm_run. `_keep`, an empty view of the
-    vCPU's page, keeps the mapping alive for as long as the exit exists (the vCPU's close()
-    then leaves the page to the last such view), so `_run` never points at unmapped memory."""
-
-    __slots__ = ("_run", "_keep")
-
-    def detached(self) -> Exit:
-        copy = object.__new__(type(self))
-        for cls in type(self).__mro__:
-            for name in getattr(cls, "__slots__", ()):
-                if hasattr(self, name):
-                    object.__setattr__(copy, name, getattr(self, name))
-        private = ffi.new("struct kvm_run *")          # its own copy of the exit's fields
-        ffi.memmove(private, self._run, ffi.sizeof("struct kvm_run"))
-        copy._run, copy._keep = private, None
-        return copy
-
-
-class HypercallExit(_RunBacked):
-    """A hypercall KVM forwards to userspace (KVM_CAP_EXIT_HYPERCALL). Set `ret`; the guest
-    gets it in RAX on the next run()."""
-
-    __slots__ = ("args", "longmode", "nr")
-    exit_reason = _R.HYPERCALL
-
-    def __init__(self, run, nr: int, args: tuple[int, ...], longmode: int, keep=None):
-        self._run, self.nr, self.args, self.longmode, self._keep = run, nr, args, longmode, keep
-
-    @property
-    def ret(self) -> int:
-        return int(self._run.hypercall.ret)
-
-    @ret.setter
-    def ret(self, value: int) -> None:
-        self._run.hypercall.ret = value & 0xFFFFFFFFFFFFFFFF
-
-
-class MsrExit(_RunBacked):
-    """RDMSR/WRMSR forwarded to userspace (KVM_CAP_X86_USER_SPACE_MSR). For a read set
-    `data`; set `error = 1` to inject #GP instead."""
-
-    __slots__ = ("index", "is_write", "reason")
-
-    def __init__(self, run, index: int, is_write: bool, reason: int, keep=None):
-        self._run, self.index, self.is_write, self.reason = run, index, is_write, reason
-        self._keep = keep
-
-    @property
-    def exit_reason(self) -> int:  # type: ignore[override]
-        return _R.X86_WRMSR if self.is_write else _R.X86_RDMSR
-
-    @property
-    def data(self) -> int:
-        return int(self._run.msr.data)
-
-    @data.setter
-    def data(self, value: int) -> None:
-        self._run.msr.data = value & 0xFFFFFFFFFFFFFFFF
-
-    @property
-    def error(self) -> int:
-        return int(self._run.msr.error)
-
-    @error.setter
-    def error(self, value: int) -> None:
-        self._run.msr.error = 1 if value else 0
-
-    def _fields(self) -> dict[str, Any]:
-        return {"index": self.index, "is_write": self.is_write, "data": self.data,
-                "reason": self.reason, "error": self.error}
-
-
 class SystemEventExit(Exit):
     __slots__ = ("data", "type")
     exit_reason = _R.SYSTEM_EVENT
@@ -225,9 +111,7 @@ class InternalErrorExit(Exit):
 
 
 class DebugExit(Exit):
-    """A guest-debugging stop (Vcpu.set_guest_debug): `exception` 1 (#DB: a single step or a
-    debug-register match, the cause in `dr6`) or 3 (#BP: an int3 at `pc`, a linear address).
-    `dr7` is the guest's own DR7."""
+    """A guest-debugging stop: `exception` 1 (#DB, the cause in `dr6`) or 3 (#BP, at `pc`)."""
 
     __slots__ = ("dr6", "dr7", "exception", "pc")
     exit_reason = _R.DEBUG
@@ -235,18 +119,10 @@ class DebugExit(Exit):
     def __init__(self, exception: int, pc: int, dr6: int, dr7: int):
         self.exception, self.pc, self.dr6, self.dr7 = exception, pc, dr6, dr7
 
-    @property
-    def single_step(self) -> bool:
-        """DR6.BS: the stop follows a single step."""
-        return self.exception == 1 and bool(self.dr6 >> 14 & 1)
-
-    @property
-    def breakpoints(self) -> tuple[int, ...]:
-        """DR6.B0-B3: the hardware breakpoint slots (0-3, in the order given to
-        set_guest_debug) that matched."""
-        if self.exception != 1:
-            return ()
-        return tuple(i for i in range(4) if self.dr6 >> i & 1)
+    single_step = property(lambda self: self.exception == 1 and bool(self.dr6 >> 14 & 1),
+                           doc="DR6.BS: the stop follows a single step.")
+    breakpoints = property(lambda self: tuple(i for i in range(4) if self.dr6 >> i & 1)
+                           if self.exception == 1 else (), doc="DR6.B0-B3: the slots hit.")
 
 
 class ExceptionExit(Exit):
@@ -346,6 +222,8 @@ class UnknownExit(Exit):
 
 _UNION = ffi.offsetof("struct kvm_run", "hw")
 _MMIO_DATA = _UNION + 8
+#: Where kvm_run.mmio.data is in the vCPU's page (for Vcpu.run()'s fast path).
+MMIO_DATA_OFFSET = _MMIO_DATA
 
 
 # The two hottest exits are unpacked straight from the page: one struct call is several times

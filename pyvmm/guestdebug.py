@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ioctl_opt import IOC, IOC_READ, IOC_WRITE
 
@@ -190,3 +190,28 @@ def translate(vcpu: Vcpu, gva: int) -> Translation:
     ioctls.ioctl(vcpu.fileno(), KVM_TRANSLATE, req, vcpu.role, f"vCPU {vcpu.id}")
     return Translation(int(req.physical_address), bool(req.valid), bool(req.writeable),
                        bool(req.usermode))
+
+
+class GuestDebugMixin:
+    """The guest-debugging methods of `pyvmm.Vcpu` (kept here with the ioctls they wrap)."""
+
+    __slots__ = ()
+
+    def set_guest_debug(self, *, single_step: bool = False, sw_breakpoints: bool = False,
+                        hw_breakpoints=(), inject: int | None = None,
+                        block_irqs: bool = False) -> None:
+        """KVM_SET_GUEST_DEBUG: stop with a DebugExit after every instruction
+        (`single_step`), at the guest's int3 (`sw_breakpoints`), at up to four debug-register
+        breakpoints and watchpoints (`hw_breakpoints`: `guestdebug.HwBreakpoint`s or
+        addresses). Every call replaces the whole configuration; no arguments turn it off.
+        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run();
+        `block_irqs` steps without taking interrupts (KVM_GUESTDBG_BLOCKIRQ)."""
+        set_guest_debug(cast("Vcpu", self), single_step=single_step,
+                        sw_breakpoints=sw_breakpoints, hw_breakpoints=hw_breakpoints,
+                        inject=inject, block_irqs=block_irqs)
+
+    def translate(self, gva: int) -> Translation:
+        """KVM_TRANSLATE: the guest-physical address of the linear address `gva` under the
+        vCPU's current paging, as a `guestdebug.Translation(gpa, valid, writeable,
+        usermode)`."""
+        return translate(cast("Vcpu", self), gva)

@@ -37,7 +37,8 @@ KICK_SIGNAL = int(os.environ.get("PYVMM_KICK_SIGNAL", signal.SIGRTMIN + 3))
 #: timeout": no run lasts that long, and such a deadline would overflow a thread wait.
 MAX_TIMEOUT = 1e9
 
-_thread_state = threading.local()  # .token: this thread blocks the kick signal
+#: Per thread: .token once the thread blocks the kick signal (see thread_token()).
+thread_state = threading.local()
 
 
 def _install_kick_handler() -> None:
@@ -70,11 +71,11 @@ def check_timeout(timeout: object, what: str = "timeout") -> float | None:
 def thread_token() -> object:
     """This thread's token, blocking the kick signal here first if it is not yet. Per thread,
     not per thread id: Python reuses the ids of threads that have ended."""
-    token = getattr(_thread_state, "token", None)
+    token = getattr(thread_state, "token", None)
     if token is None:
         # Blocked before this thread can be named as the target of a kick.
         signal.pthread_sigmask(signal.SIG_BLOCK, {KICK_SIGNAL})
-        token = _thread_state.token = object()
+        token = thread_state.token = object()
     return token
 
 

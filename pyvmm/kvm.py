@@ -64,7 +64,7 @@ class Kvm:
             os.close(self._fd)
             self._fd = -1
             raise KvmUnavailable(err.errno, f"{path} is not a KVM device: KVM_GET_API_VERSION "
-                                 f"failed with {os.strerror(err.errno)}") from None
+                                 f"failed with {os.strerror(err.errno or 0)}") from None
         if self.api_version != API_VERSION:
             os.close(self._fd)
             self._fd = -1

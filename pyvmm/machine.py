@@ -3,12 +3,12 @@ loop that runs a guest payload to its end."""
 
 from __future__ import annotations
 
-import operator
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
 from .devices.interrupt import IOAPIC_PINS, MSI_ADDRESS, default_routes, msi_data
 from .errors import ClosedError
@@ -19,7 +19,9 @@ from .kvm import Kvm
 from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
+from .smp import run_threads
 from .vcpu import Vcpu
+from .vm import Vm
 from .vcpu_state import MpState
 
 #: How a run ended (kept here for older imports: the run loop owns them).
@@ -32,20 +34,6 @@ AP_STACK_SIZE = 0x1000
 ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
-
-
-def _count(what: str, value: object) -> int:
-    """`value` as a count: what operator.index accepts (not bool), >= 1."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, not {value!r}")
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{what} must be an integer, not {type(value).__name__} "
-                         f"{value!r}") from None
-    if n < 0:
-        raise ValueError(f"{what} must be >= 0, not {n}")
-    return n
 
 
 class Machine:
@@ -62,23 +50,24 @@ class Machine:
 
     def __init__(self, *, vcpus: int = 1, memory_size: int | None = None, irqchip: bool = False,
                  kvm: Kvm | None = None, serial: bool = True) -> None:
-        count = _count("vcpus", vcpus)
+        count = as_index("vcpus", vcpus)
+        if count < 0:
+            raise ValueError(f"vcpus must be >= 0, not {count}")
         # Everything close() looks at exists before anything can fail.
         self._own_kvm = kvm is None
-        self.kvm: Kvm | None = None
-        self.vm = None
+        self._vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
         self.doorbells: list[Doorbell] = []
         self.interrupts: list[Interrupt] = []
         self._worker: DoorbellWorker | None = None
         self._control = RunControl()
-        self.kvm = kvm if kvm is not None else Kvm()
+        self.kvm: Kvm = kvm if kvm is not None else Kvm()
         try:
             limit = self.kvm.max_vcpus
             if count > limit:
                 raise ValueError(f"Machine(vcpus={count}): this KVM allows at most {limit} "
                                  "vCPUs per VM (KVM_CAP_MAX_VCPUS)")
-            self.vm = self.kvm.create_vm()
+            self._vm = self.kvm.create_vm()
             self.irqchip = irqchip
             if irqchip:
                 self.vm.create_irqchip()
@@ -103,6 +92,13 @@ class Machine:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def vm(self) -> Vm:
+        """The machine's VM."""
+        if self._vm is None:
+            raise ClosedError("the machine has no VM (its creation failed)")
+        return self._vm
 
     @property
     def memory(self):
@@ -296,9 +292,7 @@ class Machine:
                 self._running = False
                 self._control = RunControl(self.vcpus)  # a stop() from now on: the next run
         for bell in self.doorbells:
-            # Rings the worker has not picked up yet: counted, and their callbacks run (one
-            # batch at a time with the worker's), so the result accounts for every ring.
-            bell._drain(deliver=True)
+            bell.flush()  # every ring signalled so far counted and its callback run
         finish(result, outcome, control, started, self._console)
         if self._worker is not None and self._worker.errors and result.error is None:
             result.error = self._worker.errors[0][1]
@@ -323,55 +317,13 @@ class Machine:
 
     def _run_threads(self, selected: list[Vcpu], control: RunControl,
                      result: RunResult) -> Outcome:
-        """One thread per vCPU, each in its own exit loop on its own fd. A vCPU's DONE ends
-        only that vCPU; the first failure (in time) stops the others and is the run's
-        outcome. Every thread is joined before this returns."""
-        outcomes: dict[int, Outcome] = {}
-        counts = {v.id: Counter() for v in selected}
-        first: list[Outcome] = []
-
-        def body(vcpu: Vcpu) -> None:
-            outcome = Outcome(Stop.ERROR, vcpu=vcpu.id)
-            try:
-                outcome = self._run_one(vcpu, control, result, counts[vcpu.id])
-            finally:
-                outcomes[vcpu.id] = outcome
-                if outcome.stop not in (Stop.DONE, Stop.TIMEOUT, Stop.STOPPED, Stop.CLOSED):
-                    # The first to set the reason failed first; the others ended because of it.
-                    if control.stop(outcome.stop, status=outcome.status):
-                        first.append(outcome)
-
-        threads = [threading.Thread(target=body, args=(v,), name=f"pyvmm-vcpu{v.id}")
-                   for v in selected]
+        counts: dict[int, Counter] = {v.id: Counter() for v in selected}
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        except BaseException:
-            # Interrupted (KeyboardInterrupt): end every vCPU thread before going on.
-            control.stop(Stop.STOPPED)
-            for t in threads:
-                if t.ident is not None:
-                    t.join()
-            raise
+            return run_threads(selected, control,
+                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id]))
         finally:
             for c in counts.values():
                 result.exits.update(c)
-        return self._merge(first[0] if first else None, outcomes)
-
-    @staticmethod
-    def _merge(first: Outcome | None, outcomes: dict[int, Outcome]) -> Outcome:
-        # The run's outcome is the first failure in time when there was one, else the first
-        # non-"done" outcome by vCPU id, else done (with the first non-zero status, if a vCPU
-        # finished with one).
-        if first is not None:
-            return first
-        ordered = [outcomes[i] for i in sorted(outcomes)]
-        for outcome in ordered:
-            if outcome.stop != Stop.DONE:
-                return outcome
-        return next((o for o in ordered if o.status), ordered[0])
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -397,9 +349,9 @@ class Machine:
             step(worker.close)
         for irq in self.interrupts:
             step(irq.close)
-        if self.vm is not None:
-            step(self.vm.close)
-        if self._own_kvm and self.kvm is not None:
+        if self._vm is not None:
+            step(self._vm.close)
+        if self._own_kvm:
             step(self.kvm.close)
         if errors:
             raise errors[0]
@@ -408,7 +360,7 @@ class Machine:
         # A machine dropped without close(): its worker thread, doorbells, interrupts and VM
         # go with it (the worker would otherwise keep the VM and its RAM alive forever).
         try:
-            if self.vm is not None and not self.vm.closed:
+            if self._vm is not None and not self._vm.closed:
                 self.close()
         except Exception:
             pass

@@ -47,6 +47,8 @@ class MemoryRegion:
         self.aliases: list[MemoryRegion] = []
         self.offset = offset    # into alias_of's host memory (0 for a region of its own)
         self.closed = False
+        self._map: mmap.mmap
+        self.host_addr: int
         if alias_of is not None:
             self._map = alias_of._map
             self.host_addr = alias_of.host_addr + offset
@@ -286,11 +288,11 @@ class GuestMemory:
                                                                              address_space))
 
     def write(self, gpa: int, data: bytes, *, address_space: int = 0) -> None:
-        data = memoryview(data).cast("B")
-        pieces = list(self._pieces(gpa, len(data), address_space))  # validate before writing
+        view = memoryview(data).cast("B")
+        pieces = list(self._pieces(gpa, len(view), address_space))  # validate before writing
         done = 0
         for region, offset, n in pieces:
-            region.view(offset, n)[:] = data[done: done + n]
+            region.view(offset, n)[:] = view[done: done + n]
             done += n
 
     def view(self, gpa: int, length: int, *, address_space: int = 0) -> memoryview:

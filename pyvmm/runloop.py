@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from .exits import Exit, HltExit, IntrExit, IoExit, MmioExit, ShutdownExit
@@ -31,7 +31,7 @@ __all__ = ["MAX_CONSOLE", "MAX_EVENTS", "MAX_REPORTS", "STOPS", "ConsoleBuffer",
            "Outcome", "RunControl", "RunResult", "Stop", "run_vcpu"]
 
 
-class Stop(str, Enum):
+class Stop(StrEnum):
     """Why a run ended. A `str`, so `result.stop == "done"` keeps working."""
 
     DONE = "done"            # the guest said DONE (status in RunResult.status)
@@ -45,11 +45,6 @@ class Stop(str, Enum):
     UNHANDLED = "unhandled"  # an exit nothing handles (including FailEntry, InternalError)
     ERROR = "error"          # a host-side exception (a device or handler raised)
     MAX_EXITS = "max_exits"  # the run's exit budget is spent
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 #: Every stop reason, as strings.
@@ -234,22 +229,21 @@ class RunControl:
 
 def _ucall(ex: IoExit, vcpu: Any, result: RunResult, console: ConsoleBuffer,
            max_reports: int, keep_events: bool, max_events: int,
-           on_report: Callable[[Any, Any], Any] | None) -> Outcome | None | bool:
-    """One exit on a ucall port: an Outcome that ends the run, True when consumed, None when
+           on_report: Callable[[Any, Any], Any] | None) -> Outcome | bool:
+    """One exit on a ucall port: an Outcome that ends the run, True when consumed, False when
     it is not a ucall (an IN there: the bus gets it)."""
     event = ucall.decode(ex, vcpu)
     if event is None:
-        return None
+        return False
     if keep_events:
         if len(result.events) < max_events:
             result.events.append(event)
         else:
             result.dropped_events += 1
-    cls = type(event)
-    if cls is ucall.ConsoleOutput:
+    if isinstance(event, ucall.ConsoleOutput):
         console.write(event.data)
         return True
-    if cls is ucall.Report:
+    if isinstance(event, ucall.Report):
         if len(result.reports) < max_reports:
             result.reports.append(event)
         else:
@@ -259,13 +253,31 @@ def _ucall(ex: IoExit, vcpu: Any, result: RunResult, console: ConsoleBuffer,
             if stop is not None:
                 return Outcome(_stop(stop), None, event, ex)
         return True
-    stop, status = ucall.outcome(event)
-    return Outcome(Stop(stop), status, event, ex)
+    ends = ucall.outcome(event)
+    assert ends is not None  # every other event ends the run
+    return Outcome(Stop(ends[0]), ends[1], event, ex)
 
 
 def _stop(value: Any) -> Any:
     """A handler's stop as a `Stop` where it names one (other strings are kept as they are)."""
     return Stop(value) if isinstance(value, str) and value in STOPS else value
+
+
+class _BudgetSpent(Exception):
+    """max_exits exits have been run."""
+
+
+def _budget(run: Callable[[], Exit], max_exits: int) -> Callable[[], Exit]:
+    # Only a run with max_exits counts its exits: the loop itself stays as lean as it is.
+    left = max_exits
+
+    def counted() -> Exit:
+        nonlocal left
+        if left <= 0:
+            raise _BudgetSpent
+        left -= 1
+        return run()
+    return counted
 
 
 def _through_handlers(cls: type, handlers: Mapping[type, Handler], default: Handler | None,
@@ -300,19 +312,15 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
     handlers = handlers if handlers is not None else {}
     io = io if io is not None else _through_handlers(IoExit, handlers, default, vcpu)
     mmio = mmio if mmio is not None else _through_handlers(MmioExit, handlers, default, vcpu)
-    run = vcpu.run
+    run = vcpu.run if max_exits is None else _budget(vcpu.run, max_exits)
     # The two hot exits are counted in locals and folded into `counts` when the loop ends
     # (their keys are still created at their first occurrence, in exit order).
     n_io = n_mmio = 0
-    budget = -1 if max_exits is None else max_exits   # -1: never reaches 0
-    ex: Exit | None = None
+    ex: Any = None   # the last exit (Any: the loop narrows it by `type(ex) is`)
     try:
         while True:
             if control.reason is not None:
                 return Outcome(control.reason, control.status, None, ex)
-            if budget == 0:
-                return Outcome(Stop.MAX_EXITS, None, None, ex)
-            budget -= 1
             ex = run()
             cls = type(ex)
             if cls is IoExit:
@@ -324,7 +332,7 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
                                   max_events, on_report)
                     if done is True:
                         continue
-                    if done is not None:
+                    if isinstance(done, Outcome):
                         return done
                 stop = io(ex)
                 if stop is not None:
@@ -351,6 +359,8 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
             stop = handler(ex, vcpu)
             if stop is not None:
                 return Outcome(_stop(stop), None, ex, ex)
+    except _BudgetSpent:
+        return Outcome(Stop.MAX_EXITS, None, None, ex)
     except BaseException as err:  # a device model bug ends this run, not the host process
         return Outcome(Stop.ERROR, None, None, ex, err)
     finally:

@@ -40,6 +40,11 @@ class CStruct:
             return cls(value)
         raise TypeError(f"expected {cls.__name__} or {cls.ctype} *, got {type(value).__name__}")
 
+    @property
+    def cdata(self) -> Any:
+        """The `struct X *` this object owns (what an ioctl takes)."""
+        return self._c
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._c, name)
 

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .exits import IoExit
+
 __all__ = [
     "EXCEPTION_NAMES",
     "PORTS",
@@ -163,13 +165,13 @@ def decode(exit: Any, vcpu: Any = None) -> Event | None:
     ``vcpu`` is needed for reports, fails and faults (their registers are read); without it
     their ``regs`` are empty and a fault's details are zero.
     """
-    port = getattr(exit, "port", None)
-    if port not in PORTS or not getattr(exit, "is_write", False):
+    if not isinstance(exit, IoExit) or exit.port not in PORTS or not exit.is_write:
         return None
+    port = exit.port
     data = bytes(exit.data)
     if port == PORT_CONSOLE:
         return ConsoleOutput(data)
-    size = getattr(exit, "size", len(data)) or len(data)
+    size = exit.size or len(data)
     value = int.from_bytes(data[:size], "little")
     if port == PORT_DONE:
         return Done(value)

@@ -10,13 +10,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import ioctls as io
 from ._ffi import ffi, libc
 from .errors import ClosedError, KvmError, foreign_process
-from .exits import Exit, ExitReason, IntrExit, decode
+from .exits import MMIO_DATA_OFFSET as _MMIO_DATA
+from .exits import Exit, ExitReason, IntrExit, IoExit, MmioExit, decode
+from .runext import IO as _FAST_IO
+from .runext import MMIO as _FAST_MMIO
+from .runext import PIO_DATA_OFFSET as _PIO_DATA
+from .runext import run_exit as _run_exit
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
+from .kick import thread_state as _tls
+from .guestdebug import GuestDebugMixin
 from .vcpu_state import VcpuStateMixin
+
+if TYPE_CHECKING:
+    from .stats import StatsReader
 
 __all__ = ["KICK_SIGNAL", "KVM_RUN_X86_SMM", "Vcpu", "watchdog"]
 
@@ -32,7 +43,7 @@ _KVM_RUN = io.KVM_RUN
 _kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(libc, "ioctl"))
 
 
-class Vcpu(VcpuStateMixin):
+class Vcpu(VcpuStateMixin, GuestDebugMixin):
     """One vCPU. Made by `Vm.create_vcpu()`, which gives it what it needs: the kvm_run size,
     a provider of the supported-CPUID buffer, the vendor, whether SMM exists, and a callback
     for when it closes. It holds no reference back to its VM."""
@@ -67,7 +78,7 @@ class Vcpu(VcpuStateMixin):
         self._timeout_fired = False
         self._kick_pending = False
         self._closing = False
-        self._stats = None
+        self._stats: StatsReader | None = None
         self.cpuid_set = False
 
     # -- basics --------------------------------------------------------------------------
@@ -173,35 +184,87 @@ class Vcpu(VcpuStateMixin):
     def run(self, timeout: float | None = None) -> Exit:
         """KVM_RUN once; returns the typed exit. With `timeout` (seconds), a guest still
         running then is kicked and `IntrExit(timed_out=True)` comes back."""
-        # The hot path of every exit: no lock is taken with `with`, KVM_RUN goes through
-        # _kvm_run (see there), not the variadic libc.ioctl, and the timeout is checked only
-        # when there is one.
+        # The hot path of every exit, kept to what it must do: claim the vCPU under its lock
+        # (inlined _claim/_leave: two method calls fewer), one C call that runs KVM_RUN and
+        # packs the IO/MMIO fields (pyvmm.runext; without it, KVM_RUN through _kvm_run and
+        # decode() reading the page), the exit built from those fields, the vCPU released.
         if timeout is not None:
             timeout = check_timeout(timeout)
-        sigmask = thread_token()
-        token = self._claim(timeout)
+        sigmask = getattr(_tls, "token", None) or thread_token()
+        lock = self._lock
+        lock.acquire()
+        if self._fd < 0 or self._closing or self._thread is not None:
+            lock.release()
+            token = self._claim(timeout)  # raises (ClosedError, RuntimeError): re-checked there
+        else:
+            self._thread = _get_ident()
+            token = self._run_token = (watchdog.arm(self._timeout_kick, timeout)
+                                       if timeout is not None else None)
+            lock.release()
         try:
             if self._sigmask_owner is not sigmask:
                 self._own_sigmask(sigmask)
-            fd, page, run = self._fd, self._page, self._run
+            fd, page = self._fd, self._page
+            if _run_exit is None:
+                return self._run_slow(fd, page)
+            ptr = self._run_ptr
             while True:
-                if _kvm_run(fd, _KVM_RUN, 0) >= 0:
-                    return decode(run, page)
-                err = ffi.errno
-                if err == _EINTR:
-                    return IntrExit(self._interrupted(False))
-                if err == _EFAULT and run.exit_reason == _MEMORY_FAULT:
-                    # KVM reports a memory fault as -1/EFAULT with the exit filled in
-                    # (api.rst, KVM_EXIT_MEMORY_FAULT); the reason is cleared so a later,
-                    # unrelated EFAULT is not mistaken for it.
-                    ex = decode(run, page)
-                    run.exit_reason = 0
+                r = _run_exit(fd, ptr)
+                if r >= 0:
+                    kind = r & 7
+                    if kind == _FAST_IO:
+                        size = r >> 4 & 15
+                        return IoExit(r >> 8, size, 1, r & 8 != 0,
+                                      page[_PIO_DATA: _PIO_DATA + size])
+                    if kind == _FAST_MMIO:
+                        length = r >> 4 & 15
+                        return MmioExit(r >> 8, length, r & 8 != 0,
+                                        page[_MMIO_DATA: _MMIO_DATA + length])
+                    return decode(self._run, page)
+                ex = self._failed(-r)
+                if ex is not None:
                     return ex
-                if err != _EAGAIN:  # EAGAIN: an AP woken by INIT/SIPI; simply run again
-                    raise foreign_process(KvmError(err, "KVM_RUN", self.role,
-                                                   f"vCPU {self.id}"), self._pid)
         finally:
-            self._leave(token)
+            if token is not None:
+                watchdog.disarm(token)
+            lock.acquire()
+            self._thread = None
+            self._run_token = None
+            if self._timeout_fired:
+                self._timeout_fired = False   # see _leave
+                if not self._kick_pending:
+                    self._run.immediate_exit = 0
+                    eat_kicks()
+            lock.release()
+
+    def _run_slow(self, fd: int, page: memoryview) -> Exit:
+        # Without the compiled helper: KVM_RUN through the fixed-prototype pointer, the page
+        # decoded by exits.decode().
+        run = self._run
+        while True:
+            if _kvm_run(fd, _KVM_RUN, 0) >= 0:
+                return decode(run, page)
+            ex = self._failed(ffi.errno)
+            if ex is not None:
+                return ex
+
+    def _failed(self, err: int) -> Exit | None:
+        """What a KVM_RUN that failed with `err` returns: IntrExit, a memory fault, None to run
+        again (EAGAIN: an AP woken by INIT/SIPI); any other errno is raised, kept."""
+        if err == _EINTR:
+            return IntrExit(self._interrupted(False))
+        run = self._run
+        if err == _EFAULT and run.exit_reason == _MEMORY_FAULT:
+            # KVM reports a memory fault as -1/EFAULT with the exit filled in (api.rst,
+            # KVM_EXIT_MEMORY_FAULT); the reason is cleared so a later, unrelated EFAULT is
+            # not mistaken for it.
+            ex = decode(run, self._page)
+            run.exit_reason = 0
+            return ex
+        if err == _EAGAIN:
+            return None
+        raise foreign_process(KvmError(err, "KVM_RUN", self.role, f"vCPU {self.id}"),
+                              self._pid)
 
     def complete_io(self) -> None:
         """Finish the last exit's I/O without entering the guest. KVM completes a PIO or
@@ -302,7 +365,8 @@ class Vcpu(VcpuStateMixin):
                 self._map.close()
             except BufferError:
                 pass  # an exit's view is alive: the page goes with the last such view
-            self._page = self._map = None
+            # Typed as always there: nothing reads them once _fd < 0 (checked first).
+            self._page = self._map = None  # type: ignore[assignment]
             os.close(self._fd)
             self._fd = -1
         if self._on_close is not None:
@@ -325,27 +389,3 @@ class Vcpu(VcpuStateMixin):
 
     def __repr__(self) -> str:
         return f"Vcpu(id={self.id}, fd={self._fd})"
-
-    # -- guest debugging --
-
-    def set_guest_debug(self, *, single_step: bool = False, sw_breakpoints: bool = False,
-                        hw_breakpoints=(), inject: int | None = None,
-                        block_irqs: bool = False) -> None:
-        """KVM_SET_GUEST_DEBUG: stop with a DebugExit after every instruction
-        (`single_step`), at the guest's int3 (`sw_breakpoints`), at up to four debug-register
-        breakpoints and watchpoints (`hw_breakpoints`: `guestdebug.HwBreakpoint`s or
-        addresses). Every call replaces the whole configuration; no arguments turn it off.
-        `inject=1` or `3` gives the guest a #DB or #BP of its own on the next run();
-        `block_irqs` steps without taking interrupts (KVM_GUESTDBG_BLOCKIRQ)."""
-        from .guestdebug import set_guest_debug
-
-        set_guest_debug(self, single_step=single_step, sw_breakpoints=sw_breakpoints,
-                        hw_breakpoints=hw_breakpoints, inject=inject, block_irqs=block_irqs)
-
-    def translate(self, gva: int):
-        """KVM_TRANSLATE: the guest-physical address of the linear address `gva` under the
-        vCPU's current paging, as a `guestdebug.Translation(gpa, valid, writeable,
-        usermode)`."""
-        from .guestdebug import translate
-
-        return translate(self, gva)

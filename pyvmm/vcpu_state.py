@@ -60,35 +60,35 @@ class VcpuStateMixin:
 
     def get_regs(self) -> Regs:
         regs = Regs()
-        self.ioctl(io.KVM_GET_REGS, regs._c)
+        self.ioctl(io.KVM_GET_REGS, regs.cdata)
         return regs
 
     def set_regs(self, regs: Regs) -> None:
-        self.ioctl(io.KVM_SET_REGS, Regs.cast(regs)._c)
+        self.ioctl(io.KVM_SET_REGS, Regs.cast(regs).cdata)
 
     def get_sregs(self) -> Sregs:
         sregs = Sregs()
-        self.ioctl(io.KVM_GET_SREGS, sregs._c)
+        self.ioctl(io.KVM_GET_SREGS, sregs.cdata)
         return sregs
 
     def set_sregs(self, sregs: Sregs) -> None:
-        self.ioctl(io.KVM_SET_SREGS, Sregs.cast(sregs)._c)
+        self.ioctl(io.KVM_SET_SREGS, Sregs.cast(sregs).cdata)
 
     def get_fpu(self) -> Fpu:
         fpu = Fpu()
-        self.ioctl(io.KVM_GET_FPU, fpu._c)
+        self.ioctl(io.KVM_GET_FPU, fpu.cdata)
         return fpu
 
     def set_fpu(self, fpu: Fpu) -> None:
-        self.ioctl(io.KVM_SET_FPU, Fpu.cast(fpu)._c)
+        self.ioctl(io.KVM_SET_FPU, Fpu.cast(fpu).cdata)
 
     def get_lapic(self) -> LapicState:
         lapic = LapicState()
-        self.ioctl(io.KVM_GET_LAPIC, lapic._c)
+        self.ioctl(io.KVM_GET_LAPIC, lapic.cdata)
         return lapic
 
     def set_lapic(self, lapic: LapicState) -> None:
-        self.ioctl(io.KVM_SET_LAPIC, LapicState.cast(lapic)._c)
+        self.ioctl(io.KVM_SET_LAPIC, LapicState.cast(lapic).cdata)
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
@@ -132,11 +132,11 @@ class VcpuStateMixin:
 
     def get_events(self) -> VcpuEvents:
         events = VcpuEvents()
-        self.ioctl(io.KVM_GET_VCPU_EVENTS, events._c)
+        self.ioctl(io.KVM_GET_VCPU_EVENTS, events.cdata)
         return events
 
     def set_events(self, events: VcpuEvents) -> None:
-        self.ioctl(io.KVM_SET_VCPU_EVENTS, VcpuEvents.cast(events)._c)
+        self.ioctl(io.KVM_SET_VCPU_EVENTS, VcpuEvents.cast(events).cdata)
 
     def get_mp_state(self) -> int:
         state = ffi.new("struct kvm_mp_state *")

@@ -4,7 +4,6 @@ MSR-filter requests are built in `pyvmm.vm_requests`)."""
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -12,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi
+from .args import as_index
 from .caps import Cap
-from .errors import ClosedError, KvmError, MissingCapability, foreign_process
+from .errors import ClosedError, KvmError, foreign_process
 from .ioevent import IoEventAddress
 from .memory import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -24,6 +24,7 @@ from .memory import (
     MemoryRegion,
 )
 from .vcpu import Vcpu
+from .vm_caps import VmCapsMixin
 from .vm_requests import (
     check_gsi,
     fd_of,
@@ -35,13 +36,14 @@ from .vm_requests import (
 
 if TYPE_CHECKING:
     from .kvm import VmConfig
+    from .stats import StatsReader
 
 __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 
 log = logging.getLogger("pyvmm")
 
 
-class Vm:
+class Vm(VmCapsMixin):
     role = "vm"
 
     def __init__(self, fd: int, config: VmConfig, *, kvm: Any = None) -> None:
@@ -58,10 +60,8 @@ class Vm:
         self._vcpu_ids: set[int] = set()  # KVM frees a vCPU id only with the VM
         self._caps: dict[int, int] = {}
         self._max_slots: int | None = None
-        self._hypercall_exits = 0      # KVM_CAP_EXIT_HYPERCALL mask enabled so far
-        self._disabled_quirks = 0      # KVM_CAP_DISABLE_QUIRKS2 mask disabled so far
         self._close_hooks: list[Callable[[Vm], object]] = []
-        self._stats = None
+        self._stats: StatsReader | None = None
         self.close_hook_errors: list[BaseException] = []
 
     # -- basics --------------------------------------------------------------------------
@@ -107,54 +107,6 @@ class Vm:
                                                    "args": list(args)})
         name = Cap(cap).name if int(cap) in Cap._value2member_map_ else str(int(cap))
         self.ioctl(io.KVM_ENABLE_CAP, req, detail=f"KVM_CAP_{name} args {list(args)}")
-
-    def enable_hypercall_exits(self, *numbers: int) -> int:
-        """Send the hypercalls `numbers` (KVM_HC_*) to userspace as HypercallExit
-        (KVM_CAP_EXIT_HYPERCALL). Adds to the numbers enabled before; returns the whole mask.
-
-        Raises MissingCapability when this host's mask (KVM_CHECK_EXTENSION) lacks one of
-        them. Stock KVM offers only KVM_HC_MAP_GPA_RANGE (12); every other hypercall stays in
-        the kernel (an unknown number returns -KVM_ENOSYS to the guest). Note that kvm_pvm
-        reports the capability but never delivers the exit (a CPL0 hypercall hangs KVM_RUN).
-        """
-        mask = 0
-        for nr in numbers:
-            if not 0 <= int(nr) < 64:
-                raise ValueError(f"hypercall number {nr} cannot be in the 64-bit exit mask")
-            mask |= 1 << int(nr)
-        supported = self.check_extension(Cap.EXIT_HYPERCALL)
-        if mask & ~supported:
-            offered = [n for n in range(64) if supported >> n & 1]
-            wanted = [n for n in range(64) if mask >> n & 1 and not supported >> n & 1]
-            raise MissingCapability(
-                Cap.EXIT_HYPERCALL, "KVM_ENABLE_CAP", self.role,
-                f"hypercall number(s) {wanted} cannot exit to userspace; this KVM offers "
-                f"{offered or 'none'}")
-        with self._lock:
-            new = self._hypercall_exits | mask
-            self.enable_cap(Cap.EXIT_HYPERCALL, new)
-            self._hypercall_exits = new
-        return new
-
-    def disable_quirks(self, mask: int) -> int:
-        """Turn off KVM quirks (KVM_CAP_DISABLE_QUIRKS2; KVM_X86_QUIRK_* bits of
-        kernel_headers/constants.h, e.g. 32 = FIX_HYPERCALL_INSN: without it, the other
-        vendor's hypercall instruction raises #UD instead of being patched). Adds to the
-        quirks disabled before; returns the whole mask. Raises MissingCapability for a bit
-        this KVM cannot disable."""
-        if mask < 0:
-            raise ValueError("quirk mask must be >= 0")
-        supported = self.check_extension(Cap.DISABLE_QUIRKS2)
-        if mask & ~supported:
-            raise MissingCapability(
-                Cap.DISABLE_QUIRKS2, "KVM_ENABLE_CAP", self.role,
-                f"quirk bits {mask & ~supported:#x} cannot be disabled; this KVM allows "
-                f"{supported:#x}")
-        with self._lock:
-            new = self._disabled_quirks | mask
-            self.enable_cap(Cap.DISABLE_QUIRKS2, new)
-            self._disabled_quirks = new
-        return new
 
     def add_close_hook(self, hook: Callable[[Vm], object]) -> Callable[[Vm], object]:
         """Call `hook(vm)` once when the VM closes: after its vCPUs have stopped and before
@@ -236,13 +188,7 @@ class Vm:
         """KVM_CREATE_VCPU with `vcpu_id` (any integer operator.index accepts; not bool), or
         the lowest id never used in this VM."""
         if vcpu_id is not None:
-            if isinstance(vcpu_id, bool):
-                raise ValueError(f"vCPU id must be an integer, not {vcpu_id!r}")
-            try:
-                vcpu_id = operator.index(vcpu_id)
-            except TypeError:
-                raise ValueError(f"vCPU id must be an integer, not {type(vcpu_id).__name__} "
-                                 f"{vcpu_id!r}") from None
+            vcpu_id = as_index("vCPU id", vcpu_id)
         limit = self.config.max_vcpu_id
         with self._lock:
             if vcpu_id is None:

@@ -85,10 +85,10 @@ def ioevent_error(err: KvmError, fd: int, address: IoEventAddress, length: int,
                           "flag it does not support",
             errno.EBADF: f"fd {fd} is not open",
             errno.ENOSPC: "no room for another ioeventfd on this bus",
-        }.get(err.errno, what)
+        }.get(err.errno or 0, what)
     if err.detail and "process" in err.detail:
         detail = err.detail  # foreign_process() said why already
-    return type(err)(err.errno, err.ioctl, err.role, detail)
+    return type(err)(err.errno or 0, err.ioctl, err.role, detail)
 
 
 def msr_filter_request(ranges, default_allow: bool) -> tuple[object, list]:

@@ -11,10 +11,11 @@ from pathlib import Path
 import pyvmm
 
 ROOT = Path(pyvmm.__file__).parent
-MAX_LINES = 440   # "about 400": within 10%
+MAX_LINES = 400
 #: Modules of other owners still to be split (their issues track it); listed so that a new
 #: long module fails here, and so that this list is the to-do.
-NOT_YET_SPLIT = {"testing/kernel.py", "testing/nested.py", "devices/pvdma.py"}
+NOT_YET_SPLIT = {"devices/pvdma.py",
+                 "guests/toolchain.py"}
 
 
 def _module_name(path: Path) -> str:

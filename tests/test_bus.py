@@ -160,3 +160,68 @@ def test_dispatch_while_devices_come_and_go():
         stop.set()
         thread.join()
     assert steady.count == writes
+
+
+def test_serial_keeps_a_bounded_tail_of_a_guest_that_prints_forever(kvm, tmp_path):
+    """Issue 13.7: the UART kept a second copy of all output for the machine's life. Now it
+    keeps the last `keep` bytes, counts what it dropped, and its sink still sees all."""
+    src = tmp_path / "serial_flood.S"
+    src.write_text("""
+# pyvmm: mode=real16 load=0x1000 entry=start
+.include "pyvmm.inc"
+    .code16
+    .globl start
+start:
+    movw $0x3f8, %dx
+    movw $3000, %cx
+1:  movb %cl, %al
+    andb $0x0f, %al
+    addb $0x41, %al          # 'A' + (count & 15)
+    outb %al, %dx
+    loop 1b
+    DONE
+""")
+    seen = bytearray()
+    with Machine(kvm=kvm) as m:
+        m.serial.keep = 100
+        m.serial.sink = seen.extend
+        m.load(str(src))
+        result = m.run(timeout=30)
+        assert result.ok, result
+        assert len(seen) == 3000
+        assert m.serial.output == bytes(seen[-100:])
+        assert m.serial.dropped == 2900
+
+
+def test_serial_keep_is_checked_and_zero_keeps_nothing():
+    got = []
+    uart = SerialConsole(sink=got.append, keep=0)
+    uart.write(0, b"A")
+    assert uart.output == b"" and uart.dropped == 1 and got == [b"A"]
+    for bad in (-1, True, "10"):
+        with pytest.raises((ValueError, TypeError)):
+            SerialConsole(keep=bad)
+
+
+def test_lookup_by_index_and_by_bisect_agree():
+    """Short mappings are found through the address index, long ones by bisect; both refuse
+    an access that runs past the end, and re-registration republishes the index."""
+    from pyvmm.devices.bus import INDEXED_LENGTH, Memory, MmioBus
+
+    bus = MmioBus()
+    small, big = Memory(8), Memory(INDEXED_LENGTH * 4)
+    bus.register(0x1000, 8, small)
+    bus.register(0x100000, INDEXED_LENGTH * 4, big)
+    assert bus.find(0x1000).device is small and bus.find(0x1007).device is small
+    assert bus.find(0x1007, 2) is None and bus.find(0x1008) is None and bus.find(0xFFF) is None
+    assert bus.find(0x100000 + INDEXED_LENGTH * 2, 4).device is big
+    assert bus.find(0x100000 + INDEXED_LENGTH * 4 - 2, 4) is None
+    bus.write(0x1006, b"\x01\x02")
+    bus.write(0x1007, b"\x01\x02")          # past the end: unclaimed, not truncated
+    assert small.data[6:8] == b"\x01\x02" and bus.unclaimed_writes == 1
+    bus.write(0x100010, b"\xaa")
+    assert big.data[0x10] == 0xAA
+    bus.unregister(small)
+    assert bus.find(0x1000) is None
+    bus.write(0x1000, b"\x00")
+    assert bus.unclaimed_writes == 2

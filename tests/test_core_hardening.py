@@ -376,3 +376,23 @@ def test_prot_none_memslot_is_a_clear_error_or_a_memory_fault(machine, payload_s
     finally:
         libc.munmap(ctypes.c_void_p(host), ctypes.c_size_t(size))
     assert not math.isnan(result.duration)
+
+
+# -- issue 12's bugs -------------------------------------------------------------------------
+
+def test_get_cpuid_returns_the_whole_table(kvm, vm):
+    """KVM_GET_CPUID2 grows its buffer on E2BIG (the one loop kvm.py's queries use), and gives
+    back every leaf that was set (KVM adjusts some bits of them, e.g. the APIC id)."""
+    vcpu = vm.create_vcpu()
+    vcpu.set_supported_cpuid()
+    got = vcpu.get_cpuid()
+    assert [(e.function, e.index) for e in got] == [(e.function, e.index)
+                                                   for e in kvm.supported_cpuid()]
+
+
+def test_stop_is_a_string_enum():
+    from pyvmm.runloop import STOPS, Stop
+
+    assert Stop.DONE == "done" and f"{Stop.TIMEOUT}" == "timeout" and str(Stop.HLT) == "hlt"
+    assert set(STOPS) == {"done", "fail", "fault", "hlt", "shutdown", "timeout", "stopped",
+                          "closed", "unhandled", "error", "max_exits"}

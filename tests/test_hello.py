@@ -53,42 +53,34 @@ def test_hello_by_hand(kvm):
         assert at == b"\x66\xe7\xeb" or at[:1] == b"\xf4"
 
 
-def _source(tmp_path, mode: str, body: str) -> str:
-    src = tmp_path / f"p_{mode.replace('-', '_')}.S"
-    code = {"real16": ".code16", "prot32": ".code32"}.get(mode, ".code64")
-    src.write_text(f"# pyvmm: mode={mode}\n.include \"pyvmm.inc\"\n.text\n{code}\n"
-                   f".globl start\nstart:\n{body}\n")
-    return str(src)
-
-
-def test_timeout_native_loop(kvm, tmp_path):
-    r = guests.run(_source(tmp_path, "long64-user", "1: jmp 1b"), kvm=kvm, timeout=0.3)
+def test_timeout_native_loop(kvm, payload_source):
+    r = guests.run(payload_source("1: jmp 1b"), kvm=kvm, timeout=0.3)
     assert r.stop_reason == "timeout"
     assert 0.25 < r.elapsed < 5
     assert isinstance(r.last_exit, exits.IntrExit)
 
 
-def test_timeout_emulated_loop(kvm, tmp_path):
-    r = guests.run(_source(tmp_path, "real16", "1: jmp 1b"), kvm=kvm, timeout=0.3)
+def test_timeout_emulated_loop(kvm, payload_source):
+    r = guests.run(payload_source(mode="real16", body="1: jmp 1b"), kvm=kvm, timeout=0.3)
     assert r.stop_reason == "timeout"
 
 
-def test_hlt_ends_a_run(kvm, tmp_path):
-    r = guests.run(_source(tmp_path, "real16", "REPORT $7\nhlt"), kvm=kvm)
+def test_hlt_ends_a_run(kvm, payload_source):
+    r = guests.run(payload_source(mode="real16", body="REPORT $7\nhlt"), kvm=kvm)
     assert r.stop_reason == "hlt" and r.values == [7]
     assert r.exits == {"IoExit": 1, "HltExit": 1}
 
 
-def test_fail_port(kvm, tmp_path):
-    r = guests.run(_source(tmp_path, "long64", "movl $0x55, %ebx\nFAIL $0x42"), kvm=kvm)
+def test_fail_port(kvm, payload_source):
+    r = guests.run(payload_source("movl $0x55, %ebx\nFAIL $0x42", mode="long64"), kvm=kvm)
     assert r.stop_reason == "fail"
     fail = r.events[-1]
     assert isinstance(fail, ucall.Fail) and fail.code == 0x42 and fail.regs["rbx"] == 0x55
     assert "0x42" in r.detail
 
 
-def test_unhandled_exit_and_handler_stop(kvm, tmp_path):
-    src = _source(tmp_path, "long64", "movw $0x777, %dx\noutb %al, %dx\noutb %al, %dx\nDONE")
+def test_unhandled_exit_and_handler_stop(kvm, payload_source):
+    src = payload_source("movw $0x777, %dx\noutb %al, %dx\noutb %al, %dx\nDONE", mode="long64")
     r = guests.run(src, kvm=kvm)
     assert r.stop_reason == "unhandled" and r.last_exit.port == 0x777
 
@@ -103,8 +95,8 @@ def test_unhandled_exit_and_handler_stop(kvm, tmp_path):
     assert guests.run(src, kvm=kvm, handler=lambda ex, v: None).ok
 
 
-def test_max_exits(kvm, tmp_path):
-    r = guests.run(_source(tmp_path, "real16", "1: PUTC 'x'\njmp 1b"), kvm=kvm, max_exits=5)
+def test_max_exits(kvm, payload_source):
+    r = guests.run(payload_source("1: PUTC 'x'\njmp 1b", mode="real16"), kvm=kvm, max_exits=5)
     assert r.stop_reason == "max_exits" and r.console == "xxxxx"
 
 

@@ -13,47 +13,47 @@ from helpers import spin_payload
 from pyvmm import Machine
 
 
-def test_result_carries_console_reports_and_exit_counts(kvm):
-    with Machine(kvm=kvm) as m:
-        m.load("modes")
-        result = m.run(timeout=10)
-        assert result.ok, result
-        assert result.values[:2] == [5050, 479001600]
-        assert result.reports[2].value64 == 2432902008176640000
-        assert result.exits["IoExit"] == sum(result.exits.values())
-        assert "real16" in result.console
+def test_result_carries_console_reports_and_exit_counts(machine):
+    machine.load("modes")
+    result = machine.run(timeout=10)
+    assert result.ok, result
+    assert result.values[:2] == [5050, 479001600]
+    assert result.reports[2].value64 == 2432902008176640000
+    assert result.exits["IoExit"] == sum(result.exits.values())
+    assert "real16" in result.console
 
 
-def test_timeout_stops_a_spinning_guest(kvm, tmp_path):
-    src = spin_payload(tmp_path)
-    with Machine(kvm=kvm) as m:
-        m.load(src)
-        started = time.monotonic()
-        result = m.run(timeout=0.3)
-        assert result.stop == "timeout"
-        assert time.monotonic() - started < 5
+def test_timeout_stops_a_spinning_guest(machine, tmp_path):
+    machine.load(spin_payload(tmp_path))
+    started = time.monotonic()
+    result = machine.run(timeout=0.3)
+    assert result.stop == "timeout"
+    assert time.monotonic() - started < 5
 
 
-def test_stop_from_another_thread(kvm, tmp_path):
-    src = spin_payload(tmp_path)
-    with Machine(kvm=kvm) as m:
-        m.load(src)
-        threading.Timer(0.2, m.stop).start()
-        assert m.run(timeout=30).stop == "stopped"
+def test_stop_from_another_thread(machine, tmp_path):
+    machine.load(spin_payload(tmp_path))
+    threading.Timer(0.2, machine.stop).start()
+    assert machine.run(timeout=30).stop == "stopped"
 
 
-def test_unhandled_exit_stops_with_the_exit_and_handlers_serve_it(kvm, tmp_path):
-    src = tmp_path / "mmio.S"
-    src.write_text("""# pyvmm: mode=long64 load=0x1000 entry=start
-.include "pyvmm.inc"
-    .code64
-    .globl start
-start:
+def test_stop_carries_a_status(machine, tmp_path):
+    machine.load(spin_payload(tmp_path))
+    threading.Timer(0.1, lambda: machine.stop("done", status=3)).start()
+    result = machine.run(timeout=30)
+    assert (result.stop, result.status, result.ok) == ("done", 3, False)
+
+
+MMIO_READ = """
     movl $0xd0000000, %edi
     movl (%rdi), %eax
     REPORT_RAX
     DONE
-""")
+"""
+
+
+def test_unhandled_exit_stops_with_the_exit_and_handlers_serve_it(kvm, payload_source):
+    src = payload_source(MMIO_READ, mode="long64")
     with Machine(kvm=kvm) as m:
         m.load(src)
         m.mmio.register(0xD0000000, 4, _Const(0x12345678))
@@ -78,7 +78,7 @@ class _Const:
         pass
 
 
-def test_device_exception_ends_the_run_with_the_error(kvm):
+def test_device_exception_ends_the_run_with_the_error(machine):
     class Broken:
         def read(self, offset, size):
             raise ZeroDivisionError("model bug")
@@ -86,13 +86,12 @@ def test_device_exception_ends_the_run_with_the_error(kvm):
         def write(self, offset, data):
             raise ZeroDivisionError("model bug")
 
-    with Machine(kvm=kvm) as m:
-        payload = m.load("pio")
-        m.pio.register(payload.symbol("PIO_PORT"), 4, Broken())
-        result = m.run(timeout=10)
-        assert result.stop == "error"
-        assert isinstance(result.error, ZeroDivisionError)
-        assert result.vcpu == 0
+    payload = machine.load("pio")
+    machine.pio.register(payload.symbol("PIO_PORT"), 4, Broken())
+    result = machine.run(timeout=10)
+    assert result.stop == "error"
+    assert isinstance(result.error, ZeroDivisionError)
+    assert result.vcpu == 0
 
 
 def test_close_releases_fds_and_threads(kvm):
@@ -118,15 +117,13 @@ def test_close_releases_fds_and_threads(kvm):
     assert os.path.exists("/dev/kvm")
 
 
-def test_stop_before_run_ends_the_next_run(kvm, tmp_path):
-    src = spin_payload(tmp_path)
-    with Machine(kvm=kvm) as m:
-        m.load(src)
-        m.stop()
-        started = time.monotonic()
-        assert m.run(timeout=10).stop == "stopped"
-        assert time.monotonic() - started < 2
-        assert m.run(timeout=0.2).stop == "timeout"   # that stop was used up
+def test_stop_before_run_ends_the_next_run(machine, tmp_path):
+    machine.load(spin_payload(tmp_path))
+    machine.stop()
+    started = time.monotonic()
+    assert machine.run(timeout=10).stop == "stopped"
+    assert time.monotonic() - started < 2
+    assert machine.run(timeout=0.2).stop == "timeout"   # that stop was used up
 
 
 def test_result_does_not_keep_the_vm_alive(kvm):

@@ -12,14 +12,6 @@ from pyvmm import guests
 from pyvmm.guests import layout, ucall
 
 
-def _source(tmp_path, mode: str, body: str, data: str = "") -> str:
-    src = tmp_path / f"p_{mode.replace('-', '_')}.S"
-    code = {"real16": ".code16", "prot32": ".code32"}.get(mode, ".code64")
-    src.write_text(f"# pyvmm: mode={mode}\n.include \"pyvmm.inc\"\n.text\n{code}\n"
-                   f".globl start\nstart:\n{body}\n.data\n{data}\n")
-    return str(src)
-
-
 def test_modes_payload_switches_and_computes(kvm):
     r = guests.run("modes", kvm=kvm, timeout=20)
     assert r.ok, str(r)
@@ -36,7 +28,7 @@ def test_modes_payload_switches_and_computes(kvm):
     assert r.reports[2].value == 2432902008176640000 & 0xFFFFFFFF
 
 
-def test_real16_start_state(kvm, tmp_path):
+def test_real16_start_state(kvm, payload_source):
     body = """
     movl %cr0, %eax
     movw %ss, %cx
@@ -45,7 +37,7 @@ def test_real16_start_state(kvm, tmp_path):
     REPORT_RAX
     DONE
     """
-    r = guests.run(_source(tmp_path, "real16", body), kvm=kvm)
+    r = guests.run(payload_source(mode="real16", body=body), kvm=kvm)
     assert r.ok, str(r)
     rep = r.reports[0]
     assert rep.value & 1 == 0                              # CR0.PE clear
@@ -53,7 +45,7 @@ def test_real16_start_state(kvm, tmp_path):
     assert rep.regs["rsi"] == 0
 
 
-def test_prot32_start_state(kvm, tmp_path):
+def test_prot32_start_state(kvm, payload_source):
     body = """
     movl %cr0, %eax
     movl %cr4, %ecx
@@ -66,7 +58,7 @@ def test_prot32_start_state(kvm, tmp_path):
     REPORT_RAX
     DONE
     """
-    r = guests.run(_source(tmp_path, "prot32", body), kvm=kvm)
+    r = guests.run(payload_source(mode="prot32", body=body), kvm=kvm)
     assert r.ok, str(r)
     regs = r.reports[0].regs
     assert r.reports[0].value & 0x80000001 == 1            # PE, no paging
@@ -76,7 +68,7 @@ def test_prot32_start_state(kvm, tmp_path):
     assert r.reports[1].value == 0x12345678
 
 
-def test_long64_start_state_and_sse(kvm, tmp_path):
+def test_long64_start_state_and_sse(kvm, payload_source):
     body = """
     movq %cr0, %rax
     movq %cr4, %rcx
@@ -99,7 +91,7 @@ def test_long64_start_state_and_sse(kvm, tmp_path):
         assert ex.address == 0xD0000000 and not ex.is_write
         ex.data[:] = (0xFEEDC0DE).to_bytes(len(ex.data), "little")
 
-    r = guests.run(_source(tmp_path, "long64", body, data), kvm=kvm, handler=handler)
+    r = guests.run(payload_source(body, mode="long64", data=data), kvm=kvm, handler=handler)
     assert r.ok, str(r)
     regs = r.reports[0].regs
     assert regs["rax"] & 0x80000001 == 0x80000001          # PG | PE
@@ -110,7 +102,7 @@ def test_long64_start_state_and_sse(kvm, tmp_path):
     assert r.reports[2].value64 == 0xFEEDC0DE
 
 
-def test_long64_user_start_state(kvm, tmp_path):
+def test_long64_user_start_state(kvm, payload_source):
     """CPL3 from the first instruction: PIO works through the TSS I/O bitmap, SSE works."""
     body = """
     movw %cs, %ax
@@ -132,7 +124,7 @@ def test_long64_user_start_state(kvm, tmp_path):
         assert ex.port == 0x1234 and not ex.is_write
         ex.data[:] = b"\x5a"
 
-    r = guests.run(_source(tmp_path, "long64-user", body), kvm=kvm, handler=handler)
+    r = guests.run(payload_source(body), kvm=kvm, handler=handler)
     assert r.ok, str(r)
     regs = r.reports[0].regs
     # CPL3 in CS and SS. The selector values read by the guest are ours (0x2b/0x23) on stock
@@ -145,9 +137,9 @@ def test_long64_user_start_state(kvm, tmp_path):
     assert r.reports[2].value == 0x5A
 
 
-def test_user_fault_reaches_host_stubs(kvm, tmp_path):
+def test_user_fault_reaches_host_stubs(kvm, payload_source):
     """HLT at CPL3 is #GP: the CPU switches to TSS.RSP0 and the host's stub reports it."""
-    p = guests.build(_source(tmp_path, "long64-user", "nop\n.globl here\nhere: hlt\n"))
+    p = guests.build(payload_source("nop\n.globl here\nhere: hlt\n"))
     r = guests.run(p, kvm=kvm)
     assert r.stop_reason == "fault", str(r)
     fault = r.events[-1]
@@ -157,9 +149,9 @@ def test_user_fault_reaches_host_stubs(kvm, tmp_path):
     assert "#GP" in r.detail
 
 
-def test_user_page_fault(kvm, tmp_path):
+def test_user_page_fault(kvm, payload_source):
     body = "movabsq $0x100000000, %rdi\n.globl here\nhere: movl $1, (%rdi)\n"
-    p = guests.build(_source(tmp_path, "long64-user", body))
+    p = guests.build(payload_source(mode="long64-user", body=body))
     r = guests.run(p, kvm=kvm)
     fault = r.events[-1]
     assert r.stop_reason == "fault", str(r)
@@ -168,23 +160,23 @@ def test_user_page_fault(kvm, tmp_path):
     assert fault.rip == p.symbol("here")
 
 
-def test_kernel_ud2(kvm, tmp_path):
-    p = guests.build(_source(tmp_path, "long64", "nop\n.globl here\nhere: ud2\n"))
+def test_kernel_ud2(kvm, payload_source):
+    p = guests.build(payload_source(mode="long64", body="nop\n.globl here\nhere: ud2\n"))
     r = guests.run(p, kvm=kvm)
     fault = r.events[-1]
     assert (r.stop_reason, fault.vector, fault.name, fault.rip) == \
         ("fault", 6, "#UD", p.symbol("here"))
 
 
-def test_prot32_exception_is_shutdown(kvm, tmp_path):
+def test_prot32_exception_is_shutdown(kvm, payload_source):
     """prot32 and real16 have no IDT from the host: an exception is a triple fault."""
-    r = guests.run(_source(tmp_path, "prot32", "ud2"), kvm=kvm)
+    r = guests.run(payload_source(mode="prot32", body="ud2"), kvm=kvm)
     assert r.stop_reason == "shutdown" and r.exits == {"ShutdownExit": 1}
 
 
-def test_setup_vcpu_regs_and_rsp(kvm, tmp_path):
+def test_setup_vcpu_regs_and_rsp(kvm, payload_source):
     body = "movq %rsp, %rax\nREPORT_RAX\nmovq %r9, %rax\nREPORT_RAX\nDONE"
-    p = guests.build(_source(tmp_path, "long64", body))
+    p = guests.build(payload_source(mode="long64", body=body))
     with kvm.create_vm() as vm:
         p.create_memory(vm)
         p.load(vm)

@@ -252,7 +252,7 @@ def test_project_root(tmp_path):
 def test_console_markers_partial_lines_and_carriage_returns():
     import io
     out = io.StringIO()
-    c = nested._Console(out)
+    c = nested.GuestConsole(out)
     c.feed("kernel noise\r\n" + MARKER + " boot 0.5\r\n" + MARKER + " setup kvm_amd 1.0\r\n", 1.0)
     c.feed(MARKER + " probe SMM=1 MULTI_ADDRESS_SPACE=2 EXIT_HYPERCALL=0\r\n", 1.5)
     c.feed(MARKER + " start\r\n" + "collecting 3\rcollected 9 items\r\n..", 2.0)

@@ -178,3 +178,22 @@ def test_guest_reads_the_clock_and_takes_the_update_interrupt(kvm):
     assert got[11] == (48 << 20) // 65536 and got[12] == 1
     assert got[13] == 1                                      # IRQ 8 reached the LAPIC
     assert got[14] & (C_IRQF | C_UF) == C_IRQF | C_UF
+
+
+def test_a_timer_outliving_its_vm_stops_quietly():
+    calls = []
+
+    def gone(line, level):
+        calls.append(level)
+        raise OSError(9, "the VM is closed")
+
+    dev = Rtc(set_irq=gone)
+    try:
+        wr(dev, 0x0B, B_24H | B_UIE)
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert calls == [1] and not dev.timer_running
+    finally:
+        dev.close()

@@ -13,8 +13,10 @@ import pytest
 
 from pyvmm import Cap, Machine
 from pyvmm.devices import HypercallDispatcher, HypercallError, Memory, PvDma
+from pyvmm.devices import pins as pins_mod
 from pyvmm.devices import pvdma as pvdma_mod
-from pyvmm.devices.hypercall import KVM_HC_MAP_GPA_RANGE, native_instruction, to_signed
+from pyvmm.devices.hypercall import (KVM_HC_MAP_GPA_RANGE, native_instruction,
+                                     serve_hypercalls, to_signed)
 from pyvmm.devices.pvdma import (KVM_MAP_GPA_RANGE_ENCRYPTED, PVDMA_MAGIC, PVDMA_PORT,
                                  default_transport, locked_pages)
 from pyvmm.errors import GuestError
@@ -43,6 +45,20 @@ def ram_machine(kvm):
     with Machine(kvm=kvm) as m:
         m.add_memory(0, 2 * MB)
         yield m
+
+
+def attach(m: Machine, transport: str | None = None, dispatcher=None, **kwargs) -> PvDma:
+    """A PvDma on machine `m`, wired as a VMM does it: its register block on m's PIO bus, and
+    for the hypercall transport m's HypercallExit routed to the dispatcher. transport None:
+    the choice for this host."""
+    why = "chosen by the caller"
+    if transport is None:
+        transport, why = default_transport(m.vm, hostinfo.kvm_module())
+    dispatcher = dispatcher if dispatcher is not None else HypercallDispatcher()
+    if transport == "hypercall":
+        serve_hypercalls(m.exit_handlers, dispatcher)
+    return PvDma(m.vm, m.pio, dispatcher, transport, mmio=m.mmio, transport_reason=why,
+                 **kwargs)
 
 
 def _code(fn, *args) -> int:
@@ -98,7 +114,7 @@ def check_session(result, engine, dma, baseline):
 
 def test_pio_session(kvm, baseline):
     with Machine(kvm=kvm) as m:
-        dma = PvDma(m, transport="pio")
+        dma = attach(m, "pio")
         assert dma.transport == "pio"
         result, engine, _ = run_session(m, dma)
         check_session(result, engine, dma, baseline)
@@ -111,7 +127,7 @@ def test_pio_session_with_buffer_across_two_memslots(kvm, baseline):
     with Machine(kvm=kvm) as m:
         m.add_memory(0, 2 * MB)
         m.add_memory(2 * MB, 2 * MB)
-        dma = PvDma(m, transport="pio")
+        dma = attach(m, "pio")
         seen = []
         real_map = dma.map
 
@@ -131,24 +147,24 @@ def test_pio_session_with_buffer_across_two_memslots(kvm, baseline):
 @pytest.mark.skipif(not ON_PVM, reason="the automatic choice on kvm_pvm")
 def test_default_transport_on_kvm_pvm_is_pio(machine, monkeypatch):
     monkeypatch.delenv(pvdma_mod.TRANSPORT_ENV, raising=False)
-    dma = PvDma(machine)
+    dma = attach(machine)
     assert dma.transport == "pio" and "kvm_pvm" in dma.transport_reason
     assert dma.read(pvdma_mod.REG_TRANSPORT, 4) == (0).to_bytes(4, "little")
 
 
 def test_transport_override(vm, monkeypatch):
     monkeypatch.setenv(pvdma_mod.TRANSPORT_ENV, "pio")
-    assert default_transport(vm)[0] == "pio"
+    assert default_transport(vm, hostinfo.kvm_module())[0] == "pio"
     monkeypatch.setenv(pvdma_mod.TRANSPORT_ENV, "carrier-pigeon")
     with pytest.raises(ValueError):
-        default_transport(vm)
+        default_transport(vm, hostinfo.kvm_module())
     with pytest.raises(ValueError):
-        PvDma(vm, transport="carrier-pigeon")
+        PvDma(vm, None, None, "carrier-pigeon")
 
 
 def test_register_block(ram_machine):
     m = ram_machine
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio")
     assert m.pio.find(PVDMA_PORT).device is dma
     assert int.from_bytes(dma.read(pvdma_mod.REG_MAGIC, 4), "little") == PVDMA_MAGIC
     for reg, value in ((0, 0x3000), (4, 0), (8, 2), (12, 0), (16, 0)):
@@ -185,7 +201,7 @@ def test_refuses_to_replace_a_foreign_hypercall_handler(ram_machine):
 
     ram_machine.exit_handlers[HypercallExit] = mine
     with pytest.raises(ValueError, match="already"):
-        PvDma(ram_machine, transport="hypercall")
+        attach(ram_machine, "hypercall")
     assert ram_machine.exit_handlers[HypercallExit] is mine
     assert ram_machine.pio.find(PVDMA_PORT) is None        # nothing left behind
 
@@ -194,7 +210,7 @@ def test_shares_the_machines_dispatcher(ram_machine):
     m = ram_machine
     d = HypercallDispatcher()
     m.exit_handlers[HypercallExit] = d.handle
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio", d)
     assert dma.dispatcher is d and d.numbers == [KVM_HC_MAP_GPA_RANGE]
     dma.close()
     assert d.numbers == []
@@ -207,7 +223,7 @@ def test_map_validates_the_range(ram_machine, baseline):
     m.add_memory(4 * MB, MB)                          # a gap of 2 MiB before it
     m.add_memory(6 * MB, MB, readonly=True)
     m.mmio.register(8 * MB, PAGE, Memory(PAGE))       # an MMIO device (no memslot there)
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio")
     cases = {
         (0x1001, 1): -errno.EINVAL,                   # unaligned
         (0x1000, 0): -errno.EINVAL,                   # no pages
@@ -235,14 +251,14 @@ def test_map_refuses_smram(kvm):
     with Machine(kvm=kvm) as m:
         m.add_memory(0, 2 * MB)
         m.add_memory(0xA0000, 0x20000, address_space=1)       # SMRAM over the normal view
-        dma = PvDma(m, transport="pio")
+        dma = attach(m, "pio")
         assert dma.request(0xA0000, 1) == -errno.EFAULT
         assert dma.request(0x9F000, 2) == -errno.EFAULT
         assert dma.request(0x9F000, 1) == 0
 
 
 def test_unmap_must_match_a_map(ram_machine):
-    dma = PvDma(ram_machine, transport="pio")
+    dma = attach(ram_machine, "pio")
     assert dma.request(0x10000, 4, UNMAP) == -errno.ENOENT            # never mapped
     assert dma.request(0x10000, 4) == 0
     assert dma.request(0x10000, 2, UNMAP) == -errno.ENOENT            # not what was mapped
@@ -255,7 +271,7 @@ def test_unmap_must_match_a_map(ram_machine):
 # ------------------------------------------------------------------------------------ pinning
 
 def test_pins_are_counted_per_page(ram_machine, baseline):
-    dma = PvDma(ram_machine, transport="pio")
+    dma = attach(ram_machine, "pio")
     a = dma.map(0x20000, 8)                           # pages 0x20-0x27
     assert locked_pages() - baseline == 8 == dma.pinned_pages
     b = dma.map(0x24000, 8)                           # 0x24-0x2b: four pages shared
@@ -277,7 +293,7 @@ def test_mapping_across_memslots_pins_both(kvm, baseline):
     with Machine(kvm=kvm) as m:
         m.add_memory(0, MB)
         m.add_memory(MB, MB)
-        dma = PvDma(m, transport="pio")
+        dma = attach(m, "pio")
         mapping = dma.map(MB - 2 * PAGE, 4)
         assert [length for _, _, length in mapping.host_ranges] == [2 * PAGE, 2 * PAGE]
         assert locked_pages() - baseline == 4
@@ -288,7 +304,7 @@ def test_mapping_across_memslots_pins_both(kvm, baseline):
 def test_vm_close_releases_every_pin(kvm, baseline):
     m = Machine(kvm=kvm)
     m.add_memory(0, 2 * MB)
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio")
     mappings = [dma.map(0x100000, 16), dma.map(0x108000, 16), dma.map(0x40000, 1)]
     assert locked_pages() - baseline == 25
     m.close()
@@ -301,16 +317,16 @@ def test_vm_close_releases_every_pin(kvm, baseline):
 
 
 def test_pin_failure_is_enomem_and_leaves_nothing_pinned(ram_machine, baseline, monkeypatch):
-    dma = PvDma(ram_machine, transport="pio")
+    dma = attach(ram_machine, "pio")
     dma.map(0x1000, 1)
-    real = pvdma_mod._mlock
+    real = pins_mod.mlock
     calls = []
 
     def flaky(addr, length):
         calls.append(addr)
         return errno.ENOMEM if len(calls) > 1 else real(addr, length)
 
-    monkeypatch.setattr(pvdma_mod, "_mlock", flaky)
+    monkeypatch.setattr(pins_mod, "mlock", flaky)
     # Pages 0x0, [0x1000 already pinned], 0x2000-0x3fff: two runs to lock, the second fails.
     assert dma.request(0x0, 4) == -errno.ENOMEM
     assert len(calls) == 2
@@ -319,7 +335,7 @@ def test_pin_failure_is_enomem_and_leaves_nothing_pinned(ram_machine, baseline, 
 
 
 def test_concurrent_map_unmap_keeps_counts_exact(ram_machine, baseline):
-    dma = PvDma(ram_machine, transport="pio")
+    dma = attach(ram_machine, "pio")
     errors = []
 
     def worker(i):
@@ -344,7 +360,7 @@ def test_concurrent_map_unmap_keeps_counts_exact(ram_machine, baseline):
 
 def test_host_view_of_a_mapping(ram_machine):
     m = ram_machine
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio")
     mapping = dma.map(0x30000, 2)
     view = mapping.view()
     view[0:5] = b"hello"
@@ -367,7 +383,7 @@ def test_multi_slot_mapping_has_one_view_per_slot(kvm):
     with Machine(kvm=kvm) as m:
         m.add_memory(0, MB)
         m.add_memory(MB, MB)
-        dma = PvDma(m, transport="pio")
+        dma = attach(m, "pio")
         mapping = dma.map(MB - PAGE, 2)
         with pytest.raises(ValueError, match="spans 2"):
             mapping.view()
@@ -392,7 +408,7 @@ def test_hypercall_session(userspace_hypercalls, baseline, monkeypatch):
     kvm = userspace_hypercalls
     monkeypatch.delenv(pvdma_mod.TRANSPORT_ENV, raising=False)
     with Machine(kvm=kvm) as m:
-        dma = PvDma(m)                                   # the automatic choice
+        dma = attach(m)                                   # the automatic choice
         assert dma.transport == "hypercall", dma.transport_reason
         assert dma.guest_regs()["r12"] == (native_instruction(kvm) == "vmmcall")
         result, engine, _ = run_session(m, dma)
@@ -407,7 +423,7 @@ def test_hypercall_mapping_released_at_vm_close(userspace_hypercalls, baseline):
     kvm = userspace_hypercalls
     m = Machine(kvm=kvm)
     try:
-        dma = PvDma(m, transport="hypercall")
+        dma = attach(m, "hypercall")
         p = m.load("pvdma", regs=dma.guest_regs())
         # No engine: the guest stops at its first DMA request, with the buffer mapped.
         result = m.run(timeout=30)
@@ -424,7 +440,7 @@ def test_memory_with_live_mappings_cannot_be_removed(ram_machine, baseline):
     """Removing a region whose pages a mapping pins is refused (the pins would otherwise
     outlive the memory and mislead the next mapping at the same host address)."""
     m = ram_machine
-    dma = PvDma(m, transport="pio")
+    dma = attach(m, "pio")
     region = m.memory.find(0x100000)
     dma.map(0x100000, 2)
     with pytest.raises(ValueError, match="PV-DMA mapping"):
@@ -432,3 +448,55 @@ def test_memory_with_live_mappings_cannot_be_removed(ram_machine, baseline):
     dma.unmap(0x100000, 2)
     m.vm.remove_memory(region)
     assert locked_pages() == baseline
+
+
+# ------------------------------------------------------------------ bounded mapping table
+
+def test_live_mappings_are_bounded_per_vm_and_refusals_counted(ram_machine, baseline):
+    """A guest mapping one page over and over (issue: 186,866 maps grew RSS by 82 MiB) gets
+    -ENOSPC once the VM holds max_mappings live mappings; each refusal is counted."""
+    m = ram_machine
+    dma = attach(m, "pio", max_mappings=64)
+    for _ in range(64):
+        assert dma.request(PAGE, 1) == 0
+    # Through the register block, as the guest asks: the status says ENOSPC.
+    for reg, value in ((0, PAGE), (4, 0), (8, 1), (12, 0), (16, 0)):
+        dma.write(reg, value.to_bytes(4, "little"))
+    for _ in range(10):
+        dma.write(pvdma_mod.REG_COMMAND, KVM_HC_MAP_GPA_RANGE.to_bytes(4, "little"))
+        status = to_signed(int.from_bytes(dma.read(pvdma_mod.REG_STATUS, 4), "little"), 32)
+        assert status == -errno.ENOSPC
+    assert dma.refused == 10 and len(dma.mappings) == 64
+    assert dma.pinned_pages == 1 and locked_pages() - baseline == 1
+    assert dma.request(PAGE, 1, UNMAP) == 0                 # room for one more
+    assert dma.request(2 * PAGE, 1) == 0
+    assert dma.request(3 * PAGE, 1) == -errno.ENOSPC and dma.refused == 11
+    dma.release_all()
+    assert locked_pages() == baseline
+
+
+def test_the_default_bound_keeps_a_mapping_flood_small(ram_machine, baseline):
+    import psutil
+
+    from pyvmm.devices.limits import DEFAULT_MAX_DMA_MAPPINGS
+
+    dma = attach(ram_machine, "pio")
+    proc = psutil.Process()
+    for _ in range(100):                                    # warm-up: allocator arenas
+        dma.request(PAGE, 1)
+    dma.release_all()
+    rss = proc.memory_info().rss
+    flood = 3 * DEFAULT_MAX_DMA_MAPPINGS
+    codes = [dma.request(PAGE, 1) for _ in range(flood)]
+    grown = proc.memory_info().rss - rss
+    assert codes.count(0) == DEFAULT_MAX_DMA_MAPPINGS
+    assert codes.count(-errno.ENOSPC) == dma.refused == flood - DEFAULT_MAX_DMA_MAPPINGS
+    assert grown < 8 << 20, f"RSS grew by {grown >> 10} KiB"
+    dma.release_all()
+    assert locked_pages() == baseline
+
+
+def test_max_mappings_must_be_positive(vm):
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="max_mappings"):
+            PvDma(vm, None, None, "pio", max_mappings=bad)

@@ -36,27 +36,27 @@ def payload(tmp_path, mode: str, body: str, name: str):
 
 
 @pytest.mark.parametrize("mode", list(SPIN))
-def test_infinite_loop_ends_by_timeout(kvm, tmp_path, mode):
-    with Machine(kvm=kvm) as m:
-        m.load(payload(tmp_path, mode, SPIN[mode], "spin"))
-        started = time.monotonic()
-        result = m.run(timeout=0.3)
-        assert result.stop == "timeout"
-        assert time.monotonic() - started < 3
-        # The vCPU is still usable: another bounded run times out the same way.
-        assert m.run(timeout=0.1).stop == "timeout"
+def test_infinite_loop_ends_by_timeout(make_machine, tmp_path, mode):
+    m = make_machine()
+    m.load(payload(tmp_path, mode, SPIN[mode], "spin"))
+    started = time.monotonic()
+    result = m.run(timeout=0.3)
+    assert result.stop == "timeout"
+    assert time.monotonic() - started < 3
+    # The vCPU is still usable: another bounded run times out the same way.
+    assert m.run(timeout=0.1).stop == "timeout"
 
 
 @pytest.mark.parametrize("mode", list(TRIPLE_FAULT))
-def test_triple_fault_is_a_shutdown(kvm, tmp_path, mode):
-    with Machine(kvm=kvm) as m:
-        m.load(payload(tmp_path, mode, TRIPLE_FAULT[mode], "triple"))
-        result = m.run(timeout=5)
-        assert result.stop == "shutdown", result
-        assert type(result.last_exit).__name__ == "ShutdownExit"
+def test_triple_fault_is_a_shutdown(make_machine, tmp_path, mode):
+    m = make_machine()
+    m.load(payload(tmp_path, mode, TRIPLE_FAULT[mode], "triple"))
+    result = m.run(timeout=5)
+    assert result.stop == "shutdown", result
+    assert type(result.last_exit).__name__ == "ShutdownExit"
 
 
-def test_vmcall_at_cpl0_ends_with_a_clear_result(kvm, tmp_path):
+def test_vmcall_at_cpl0_ends_with_a_clear_result(make_machine, tmp_path):
     """On kvm_pvm VMCALL at CPL0 never returns from KVM_RUN; the timeout ends it. On stock
     KVM an unknown hypercall number returns -KVM_ENOSYS (-1000) to the guest."""
     body = """.include "pyvmm.inc"
@@ -65,16 +65,16 @@ start:
     vmcall
     REPORT_RAX
     DONE"""
-    with Machine(kvm=kvm) as m:
-        m.load(payload(tmp_path, "long64", body, "vmcall"))
-        started = time.monotonic()
-        result = m.run(timeout=0.5)
-        if kvm_module() == "kvm_pvm":
-            assert result.stop == "timeout"
-            assert time.monotonic() - started < 5
-        else:
-            assert result.ok, result
-            assert result.reports[0].value64 == (-1000) & (2**64 - 1)
+    m = make_machine()
+    m.load(payload(tmp_path, "long64", body, "vmcall"))
+    started = time.monotonic()
+    result = m.run(timeout=0.5)
+    if kvm_module() == "kvm_pvm":
+        assert result.stop == "timeout"
+        assert time.monotonic() - started < 5
+    else:
+        assert result.ok, result
+        assert result.reports[0].value64 == (-1000) & (2**64 - 1)
 
 
 def test_machine_closed_while_the_vcpu_is_in_kvm_run(kvm, tmp_path):

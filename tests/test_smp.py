@@ -254,48 +254,48 @@ def spin_regs(i: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("how", ["stop", "timeout"])
-def test_stop_and_timeout_end_every_vcpu_thread(kvm, spin_source, how):
-    with Machine(kvm=kvm, vcpus=4, irqchip=True) as m:
-        m.load(spin_source, start_aps=True, vcpu_regs=spin_regs)
-        if how == "stop":
-            threading.Timer(0.3, m.stop).start()
-        started = time.monotonic()
-        result = m.run(timeout=0.3 if how == "timeout" else 30)
-        assert time.monotonic() - started < 5
-        assert result.stop == ("stopped" if how == "stop" else how)
-        assert result.error is None
-        assert not vcpu_threads()
-        assert not any(v.running for v in m.vcpus)
+def test_stop_and_timeout_end_every_vcpu_thread(make_machine, spin_source, how):
+    m = make_machine(vcpus=4, irqchip=True)
+    m.load(spin_source, start_aps=True, vcpu_regs=spin_regs)
+    if how == "stop":
+        threading.Timer(0.3, m.stop).start()
+    started = time.monotonic()
+    result = m.run(timeout=0.3 if how == "timeout" else 30)
+    assert time.monotonic() - started < 5
+    assert result.stop == ("stopped" if how == "stop" else how)
+    assert result.error is None
+    assert not vcpu_threads()
+    assert not any(v.running for v in m.vcpus)
 
 
-def test_stop_reaches_aps_still_waiting_for_sipi(kvm, spin_source):
+def test_stop_reaches_aps_still_waiting_for_sipi(make_machine, spin_source):
     # vCPU 0 spins; the APs were never started and block inside KVM_RUN (UNINITIALIZED):
     # the kick gets them out too.
-    with Machine(kvm=kvm, vcpus=3, irqchip=True) as m:
-        m.load(spin_source, vcpu_regs=spin_regs)
-        for ap in m.vcpus[1:]:
-            assert ap.get_mp_state() == MpState.UNINITIALIZED
-        result = m.run(timeout=0.3)
-        assert result.stop == "timeout"
-        assert not vcpu_threads()
-        # the machine is usable again: the APs can still be started by the host
-        for ap in m.vcpus[1:]:
-            m.start_vcpu(ap.id, regs=spin_regs(ap.id))
-        assert m.run(timeout=0.3).stop == "timeout"
-        assert all(c.get("IntrExit") for c in m.run(timeout=0.2).exits_per_vcpu.values())
+    m = make_machine(vcpus=3, irqchip=True)
+    m.load(spin_source, vcpu_regs=spin_regs)
+    for ap in m.vcpus[1:]:
+        assert ap.get_mp_state() == MpState.UNINITIALIZED
+    result = m.run(timeout=0.3)
+    assert result.stop == "timeout"
+    assert not vcpu_threads()
+    # the machine is usable again: the APs can still be started by the host
+    for ap in m.vcpus[1:]:
+        m.start_vcpu(ap.id, regs=spin_regs(ap.id))
+    assert m.run(timeout=0.3).stop == "timeout"
+    assert all(c.get("IntrExit") for c in m.run(timeout=0.2).exits_per_vcpu.values())
 
 
-def test_first_failure_is_reported_with_its_vcpu_id(kvm, spin_source):
-    with Machine(kvm=kvm, vcpus=4) as m:
-        m.load(spin_source, start_aps=True, vcpu_regs=lambda i: {**spin_regs(i), "r11": 2})
-        result = m.run(timeout=30)
-        assert result.stop == "fail", result
-        assert result.vcpu == 2 and result.status == 0x77
-        assert result.event.regs["rsi"] == 2
-        assert not vcpu_threads()
+def test_first_failure_is_reported_with_its_vcpu_id(make_machine, spin_source):
+    m = make_machine(vcpus=4)
+    m.load(spin_source, start_aps=True, vcpu_regs=lambda i: {**spin_regs(i), "r11": 2})
+    result = m.run(timeout=30)
+    assert result.stop == "fail", result
+    assert result.vcpu == 2 and result.status == 0x77
+    assert result.event.regs["rsi"] == 2
+    assert not vcpu_threads()
 
 
-def test_device_error_is_reported_with_its_vcpu_id(kvm, spin_source):
+def test_device_error_is_reported_with_its_vcpu_id(make_machine, spin_source):
     class Broken:
         def read(self, offset, size):
             raise ZeroDivisionError("model bug")
@@ -303,13 +303,13 @@ def test_device_error_is_reported_with_its_vcpu_id(kvm, spin_source):
         def write(self, offset, data):
             raise ZeroDivisionError("model bug")
 
-    with Machine(kvm=kvm, vcpus=3) as m:
-        m.pio.register(0x700, 1, Broken())
-        m.load(spin_source, start_aps=True, vcpu_regs=lambda i: {**spin_regs(i), "r12": 1})
-        result = m.run(timeout=30)
-        assert result.stop == "error"
-        assert result.vcpu == 1
-        assert isinstance(result.error, ZeroDivisionError)
+    m = make_machine(vcpus=3)
+    m.pio.register(0x700, 1, Broken())
+    m.load(spin_source, start_aps=True, vcpu_regs=lambda i: {**spin_regs(i), "r12": 1})
+    result = m.run(timeout=30)
+    assert result.stop == "error"
+    assert result.vcpu == 1
+    assert isinstance(result.error, ZeroDivisionError)
 
 
 def test_machine_close_while_vcpu_threads_spin(kvm, spin_source):

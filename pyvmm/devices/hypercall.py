@@ -28,16 +28,16 @@ the guest gets the #UD. :func:`native_instruction` picks the native one from the
 from __future__ import annotations
 
 import errno as _errno
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .._ffi import constants
-from ..errors import GuestError
+from ..errors import MAX_KEPT_ERRORS, GuestError
+from ..exits import HypercallExit
+from .logs import log_failure
 
-log = logging.getLogger("pyvmm.devices")
 
 _HC = constants("KVM_HC_")
 KVM_HC_MAP_GPA_RANGE = _HC["MAP_GPA_RANGE"]          # 12
@@ -52,9 +52,6 @@ KVM_X86_QUIRK_FIX_HYPERCALL_INSN = constants("KVM_X86_QUIRK_")["FIX_HYPERCALL_IN
 VMCALL = bytes((0x0F, 0x01, 0xC1))     # Intel
 VMMCALL = bytes((0x0F, 0x01, 0xD9))    # AMD
 
-#: Errors kept on a dispatcher (all are counted): a guest calling a broken handler a million
-#: times must not grow the host's memory.
-from ..errors import MAX_KEPT_ERRORS  # noqa: E402 - one definition, in errors
 
 _MASK64 = (1 << 64) - 1
 
@@ -176,7 +173,7 @@ class HypercallDispatcher:
             return -KVM_ENOMEM
         except Exception as err:
             self._error(nr, err)
-            log.exception("hypercall %d handler %r failed", nr, handler)
+            log_failure(f"hypercall {nr} handler {handler!r}", err)
             return -KVM_EIO
         if result is None:
             return 0
@@ -195,3 +192,15 @@ class HypercallDispatcher:
 
     def __repr__(self) -> str:
         return f"HypercallDispatcher(numbers={self.numbers}, calls={self.calls})"
+
+
+def serve_hypercalls(exit_handlers: dict, dispatcher: HypercallDispatcher) -> None:
+    """Route HypercallExit in the handler table `exit_handlers` (e.g. a Machine's) to
+    `dispatcher`. A table that already routes them elsewhere is left alone: ValueError, so
+    two devices never fight over one exit (pass the dispatcher that is there instead)."""
+    current = exit_handlers.get(HypercallExit)
+    if current is None:
+        exit_handlers[HypercallExit] = dispatcher.handle
+    elif current != dispatcher.handle:
+        raise ValueError(f"HypercallExit is already handled by {current!r}; share that "
+                         "handler's HypercallDispatcher instead")

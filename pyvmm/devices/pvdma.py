@@ -24,6 +24,9 @@ Result in the guest's RAX (KVM-style negative error codes):
     -2      ENOENT    unmap of a range that is not mapped (never mapped, or unmapped twice);
                       an unmap must name exactly the gpa and npages of a map
     -12     ENOMEM    the host could not pin the pages (mlock failed, e.g. RLIMIT_MEMLOCK)
+    -28     ENOSPC    the VM already has ``max_mappings`` live mappings (default
+                      :data:`~pyvmm.devices.limits.DEFAULT_MAX_DMA_MAPPINGS`); counted in
+                      ``PvDma.refused``
     -5      EIO       the device failed on the host side (a bug, logged; the VMM goes on)
     -1000   ENOSYS    a hypercall number nobody serves (as KVM answers it), which is also
                       what a guest gets once the device is closed
@@ -34,7 +37,7 @@ Transports:
 - ``"hypercall"``: the guest executes VMCALL/VMMCALL with RAX=12, RBX=gpa, RCX=npages,
   RDX=attrs at CPL0; KVM checks alignment, npages and gfn wrap-around itself (answering
   -22 without an exit), then exits to userspace (KVM_CAP_EXIT_HYPERCALL), where the
-  machine's :class:`~pyvmm.devices.HypercallDispatcher` runs the request.
+  device's :class:`~pyvmm.devices.HypercallDispatcher` runs the request.
 - ``"pio"``: the same request through a register block on the PIO bus (userspace exits:
   the guest reads the status back synchronously). For hosts where hypercalls cannot reach
   userspace, such as kvm_pvm (a CPL0 VMCALL never returns there).
@@ -48,8 +51,14 @@ PIO register block at ``port`` (default :data:`PVDMA_PORT`), 32-bit little-endia
     +0x18 TRANSPORT  read: 0 = use the PIO registers, 1 = use the hypercall
     +0x1C MAGIC      read: 0x414d4450 ("PDMA"), to probe for the device
 
-The block is registered on every machine, whatever the transport, so a guest can read
-TRANSPORT to learn how to talk to the device.
+The block is registered on the PIO bus the device is given, whatever the transport, so a
+guest can read TRANSPORT to learn how to talk to the device.
+
+The device gets its collaborators and nothing else: the VM, the PIO bus for its register block,
+the hypercall dispatcher and the transport, all chosen by the caller (for the hypercall
+transport the caller also routes ``HypercallExit`` to the dispatcher, e.g. with
+:func:`~pyvmm.devices.hypercall.serve_hypercalls`). :func:`default_transport` picks the
+transport that works on a host, given the name of its KVM module.
 
 State is per VM and under a lock: the mappings, and the pin count of every host page (mlock
 is not reference counted by the kernel, so overlapping mappings share pages by count). When
@@ -60,20 +69,19 @@ every mapping is released.
 from __future__ import annotations
 
 import errno as _errno
+import operator
 import os
 import threading
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
-from .._ffi import ffi, libc
 from ..caps import Cap
 from ..errors import GuestError
 from ..memory import PAGE_SIZE
+from .dma_mapping import DmaMapping, DmaPiece
 from .hypercall import (KVM_EFAULT, KVM_EINVAL, KVM_EIO, KVM_ENOENT, KVM_ENOMEM,
                         KVM_HC_MAP_GPA_RANGE, HypercallCall, HypercallDispatcher,
                         HypercallError)
+from .limits import DEFAULT_MAX_DMA_MAPPINGS
+from .pins import locked_pages, pin_table
 
 __all__ = [
     "KVM_MAP_GPA_RANGE_ENCRYPTED",
@@ -93,6 +101,7 @@ PVDMA_MAGIC = 0x414D4450  # "PDMA"
 REG_GPA_LO, REG_GPA_HI, REG_NPAGES_LO, REG_NPAGES_HI = 0x00, 0x04, 0x08, 0x0C
 REG_ATTRS, REG_COMMAND, REG_TRANSPORT, REG_MAGIC = 0x10, 0x14, 0x18, 0x1C
 REG_STATUS = REG_COMMAND
+KVM_ENOSPC = _errno.ENOSPC                            # 28
 
 KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
@@ -105,218 +114,24 @@ TRANSPORT_CODES = {"pio": 0, "hypercall": 1}
 TRANSPORT_ENV = "PYVMM_PVDMA_TRANSPORT"
 
 
-def locked_pages(status_path: str = "/proc/self/status") -> int:
-    """Pages this process has locked in memory (VmLck of /proc/self/status, in 4 KiB pages)."""
-    with open(status_path) as f:
-        for line in f:
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024 // PAGE_SIZE
-    return 0
-
-
-def default_transport(vm) -> tuple[str, str]:
-    """(transport, why): "pio" on kvm_pvm, which reports KVM_CAP_EXIT_HYPERCALL but never
-    delivers the exit; "hypercall" where KVM offers the MAP_GPA_RANGE exit; "pio" otherwise.
-    $PYVMM_PVDMA_TRANSPORT (pio or hypercall) overrides the choice."""
-    from ..testing.hostinfo import kvm_module
-
+def default_transport(vm, kvm_module: str | None) -> tuple[str, str]:
+    """(transport, why) for a VM on a host whose KVM vendor module is `kvm_module` (e.g.
+    ``pyvmm.testing.hostinfo.kvm_module()``): "pio" on kvm_pvm, which reports
+    KVM_CAP_EXIT_HYPERCALL but never delivers the exit; "hypercall" where KVM offers the
+    MAP_GPA_RANGE exit; "pio" otherwise. $PYVMM_PVDMA_TRANSPORT (pio or hypercall) overrides
+    the choice."""
     forced = os.environ.get(TRANSPORT_ENV, "").strip().lower()
     if forced:
         if forced not in TRANSPORTS:
             raise ValueError(f"${TRANSPORT_ENV}={forced!r}: expected one of {TRANSPORTS}")
         return forced, f"${TRANSPORT_ENV}={forced}"
-    module = kvm_module()
-    if module == "kvm_pvm":
+    if kvm_module == "kvm_pvm":
         return "pio", ("kvm_pvm reports KVM_CAP_EXIT_HYPERCALL but never delivers hypercall "
                        "exits (a CPL0 VMCALL hangs KVM_RUN)")
     mask = vm.check_extension(Cap.EXIT_HYPERCALL)
     if mask >> KVM_HC_MAP_GPA_RANGE & 1:
-        return "hypercall", f"{module or 'KVM'} sends KVM_HC_MAP_GPA_RANGE to userspace"
-    return "pio", f"{module or 'KVM'} lacks the KVM_HC_MAP_GPA_RANGE exit"
-
-
-# ------------------------------------------------------------------------------- pin table
-
-def _mlock(addr: int, length: int) -> int:
-    """0, or the errno of a failed mlock."""
-    if libc.mlock(ffi.cast("void *", addr), length) != 0:
-        return ffi.errno or _errno.ENOMEM
-    return 0
-
-
-def _munlock(addr: int, length: int) -> None:
-    libc.munlock(ffi.cast("void *", addr), length)
-
-
-def _runs(pages: list[int]) -> Iterator[tuple[int, int]]:
-    """(first host address, length) of each run of consecutive host pages."""
-    start = prev = None
-    for page in pages:
-        if start is None:
-            start = prev = page
-        elif page == prev + PAGE_SIZE:
-            prev = page
-        else:
-            yield start, prev + PAGE_SIZE - start
-            start = prev = page
-    if start is not None:
-        yield start, prev + PAGE_SIZE - start
-
-
-class _PinTable:
-    """Pin counts of one VM's host pages: a page is mlocked while its count is above 0."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: dict[int, int] = {}
-
-    def pin(self, pages: list[int]) -> int:
-        """Take one pin on each page; 0, or an errno (nothing is left pinned then)."""
-        with self.lock:
-            fresh = [p for p in pages if not self.counts.get(p)]
-            done: list[tuple[int, int]] = []
-            for addr, length in _runs(fresh):
-                err = _mlock(addr, length)
-                if err:
-                    for a, n in done:
-                        _munlock(a, n)
-                    return err
-                done.append((addr, length))
-            for p in pages:
-                self.counts[p] = self.counts.get(p, 0) + 1
-            return 0
-
-    def unpin(self, pages: list[int]) -> None:
-        with self.lock:
-            freed = []
-            for p in pages:
-                n = self.counts.get(p, 0) - 1
-                if n > 0:
-                    self.counts[p] = n
-                else:
-                    self.counts.pop(p, None)
-                    freed.append(p)
-            for addr, length in _runs(sorted(freed)):
-                _munlock(addr, length)
-
-    @property
-    def pinned(self) -> int:
-        with self.lock:
-            return len(self.counts)
-
-
-_pin_tables: weakref.WeakKeyDictionary[Any, _PinTable] = weakref.WeakKeyDictionary()
-_pin_tables_lock = threading.Lock()
-
-
-def _pin_table(vm) -> _PinTable:
-    with _pin_tables_lock:
-        table = _pin_tables.get(vm)
-        if table is None:
-            table = _pin_tables[vm] = _PinTable()
-        return table
-
-
-# -------------------------------------------------------------------------------- mappings
-
-@dataclass(frozen=True)
-class _Piece:
-    region: Any          # MemoryRegion
-    offset: int          # into the region
-    length: int
-    gpa: int
-
-    @property
-    def host_addr(self) -> int:
-        return self.region.host_addr + self.offset
-
-
-@dataclass(eq=False)
-class DmaMapping:
-    """A live DMA mapping: ``npages`` guest pages from ``gpa``, pinned in host memory. The
-    host view is one piece per memslot the range crosses."""
-
-    gpa: int
-    npages: int
-    pieces: tuple[_Piece, ...]
-    active: bool = True
-    _views: list[memoryview] = field(default_factory=list, repr=False)
-
-    @property
-    def size(self) -> int:
-        return self.npages * PAGE_SIZE
-
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
-
-    @property
-    def host_pages(self) -> list[int]:
-        return [p.host_addr + i for p in self.pieces for i in range(0, p.length, PAGE_SIZE)]
-
-    @property
-    def host_ranges(self) -> list[tuple[int, int, int]]:
-        """(gpa, host address, length) of each piece."""
-        return [(p.gpa, p.host_addr, p.length) for p in self.pieces]
-
-    def contains(self, gpa: int, length: int = 1) -> bool:
-        return self.gpa <= gpa and gpa + length <= self.end
-
-    def _check(self, offset: int, length: int) -> None:
-        if not self.active:
-            raise GuestError(f"DMA mapping {self.gpa:#x}+{self.npages} pages is unmapped")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise GuestError(f"DMA access {offset:#x}+{length:#x} is outside the mapping of "
-                             f"{self.size:#x} bytes at {self.gpa:#x}")
-
-    def _chunks(self, offset: int, length: int):
-        for piece in self.pieces:
-            if length <= 0:
-                break
-            if offset >= piece.length:
-                offset -= piece.length
-                continue
-            n = min(length, piece.length - offset)
-            yield piece, offset, n
-            offset = 0
-            length -= n
-
-    def views(self) -> list[memoryview]:
-        """Writable zero-copy views of the mapped guest memory, one per piece. They are
-        released when the mapping is unmapped."""
-        self._check(0, 0)
-        out = [p.region.view(p.offset, p.length) for p in self.pieces]
-        self._views.extend(out)
-        return out
-
-    def view(self) -> memoryview:
-        """The one view of a mapping that lies in a single memslot."""
-        if len(self.pieces) != 1:
-            raise ValueError(f"the mapping at {self.gpa:#x} spans {len(self.pieces)} memslots; "
-                             "use views()")
-        return self.views()[0]
-
-    def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length)
-        return b"".join(bytes(p.region.view(p.offset + o, n))
-                        for p, o, n in self._chunks(offset, length))
-
-    def write(self, offset: int, data: bytes) -> None:
-        data = memoryview(data).cast("B")
-        self._check(offset, len(data))
-        done = 0
-        for p, o, n in self._chunks(offset, len(data)):
-            p.region.view(p.offset + o, n)[:] = data[done: done + n]
-            done += n
-
-    def _deactivate(self) -> None:
-        self.active = False
-        for v in self._views:
-            try:
-                v.release()
-            except (BufferError, ValueError):
-                pass
-        self._views.clear()
+        return "hypercall", f"{kvm_module or 'KVM'} sends KVM_HC_MAP_GPA_RANGE to userspace"
+    return "pio", f"{kvm_module or 'KVM'} lacks the KVM_HC_MAP_GPA_RANGE exit"
 
 
 # ----------------------------------------------------------------------------------- device
@@ -326,70 +141,62 @@ class PvDma:
     and the error codes).
 
         with Machine() as m:
-            dma = PvDma(m)                  # transport chosen for this host: dma.transport
+            transport, _why = default_transport(m.vm, hostinfo.kvm_module())
+            dispatcher = HypercallDispatcher()
+            if transport == "hypercall":
+                serve_hypercalls(m.exit_handlers, dispatcher)
+            dma = PvDma(m.vm, m.pio, dispatcher, transport, mmio=m.mmio)
             m.load("pvdma", regs=dma.guest_regs())
             ...
             dma.dma_write(gpa, b"data")     # a device writes into a mapped guest buffer
 
-    ``target`` is a :class:`~pyvmm.Machine` (the register block goes on its PIO bus and,
-    for the hypercall transport, the dispatcher on its exit handlers) or a bare ``Vm``
-    (map/unmap from Python; serve :meth:`read`/:meth:`write` on a bus yourself).
-    ``transport`` is "hypercall", "pio", or None for :func:`default_transport`.
+    `pio` is the bus for the register block (None: serve :meth:`read`/:meth:`write`
+    yourself); `dispatcher` serves MAP_GPA_RANGE (None: a dispatcher of the device's own);
+    `transport` is "hypercall" or "pio". `mmio`, when given, is the MMIO bus whose devices a
+    mapping may not cover. `max_mappings` bounds the VM's live mappings (a map beyond it gets
+    -ENOSPC and is counted in `refused`).
     """
 
-    def __init__(self, target, *, transport: str | None = None, port: int = PVDMA_PORT,
-                 dispatcher: HypercallDispatcher | None = None) -> None:
-        machine = target if hasattr(target, "vm") and hasattr(target, "pio") else None
-        self.machine = machine
-        self.vm = machine.vm if machine is not None else target
-        if transport is None:
-            transport, why = default_transport(self.vm)
-        else:
-            if transport not in TRANSPORTS:
-                raise ValueError(f"transport {transport!r} is not one of {TRANSPORTS}")
-            why = "chosen by the caller"
+    def __init__(self, vm, pio, dispatcher: HypercallDispatcher | None, transport: str, *,
+                 port: int = PVDMA_PORT, mmio=None,
+                 max_mappings: int = DEFAULT_MAX_DMA_MAPPINGS,
+                 transport_reason: str = "chosen by the caller") -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r} is not one of {TRANSPORTS}")
+        if isinstance(max_mappings, bool) or operator.index(max_mappings) < 1:
+            raise ValueError(f"max_mappings must be a positive integer, got {max_mappings!r}")
+        self.vm = vm
+        self.pio = pio
+        self.mmio = mmio
         self.transport = transport
-        self.transport_reason = why
+        self.transport_reason = transport_reason
         self.port = port
+        self.max_mappings = operator.index(max_mappings)
         self._lock = threading.RLock()
-        self._pins = _pin_table(self.vm)
+        self._pins = pin_table(vm)
         self._mappings: list[DmaMapping] = []
         self._regs = bytearray(PVDMA_LENGTH)
         self._set_reg(REG_TRANSPORT, TRANSPORT_CODES[transport])
         self._set_reg(REG_MAGIC, PVDMA_MAGIC)
         self.requests = 0
+        self.refused = 0   # map requests refused for max_mappings
         self.closed = False
         self.last_error: BaseException | None = None
-
-        current = None
-        if machine is not None:
-            from ..exits import HypercallExit
-            current = machine.exit_handlers.get(HypercallExit)
-            owner = getattr(current, "__self__", None)
-            if dispatcher is None and isinstance(owner, HypercallDispatcher):
-                dispatcher = owner
-            elif current is not None and transport == "hypercall" and (
-                    dispatcher is None or owner is not dispatcher):
-                raise ValueError(f"machine.exit_handlers[HypercallExit] is already {current!r}; "
-                                 "pass that handler's HypercallDispatcher as dispatcher=")
         self.dispatcher = dispatcher if dispatcher is not None else HypercallDispatcher()
         self.dispatcher.register(KVM_HC_MAP_GPA_RANGE, self._hypercall)
         registered = False
         try:
-            if machine is not None:
-                machine.pio.register(port, PVDMA_LENGTH, self)
+            if pio is not None:
+                pio.register(port, PVDMA_LENGTH, self)
                 registered = True
             if transport == "hypercall":
-                self.vm.enable_hypercall_exits(KVM_HC_MAP_GPA_RANGE)
-                if machine is not None and current is None:
-                    from ..exits import HypercallExit
-                    machine.exit_handlers[HypercallExit] = self.dispatcher.handle
-            self.vm.add_close_hook(self._on_vm_close)
-            self.vm.add_remove_guard(self._region_in_use)
+                vm.enable_hypercall_exits(KVM_HC_MAP_GPA_RANGE)
+            vm.add_close_hook(self._on_vm_close)
+            vm.add_remove_guard(self._region_in_use)
         except BaseException:
             self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
             if registered:
-                machine.pio.unregister(self)
+                pio.unregister(self)
             raise
 
     # -- what the guest is told ----------------------------------------------------------
@@ -430,7 +237,7 @@ class PvDma:
 
     # -- map / unmap ---------------------------------------------------------------------
 
-    def _pieces(self, gpa: int, npages: int) -> tuple[_Piece, ...]:
+    def _pieces(self, gpa: int, npages: int) -> tuple[DmaPiece, ...]:
         if gpa < 0 or npages < 0 or gpa % PAGE_SIZE:
             raise HypercallError(KVM_EINVAL, f"gpa {gpa:#x} is not 4 KiB aligned")
         if npages == 0:
@@ -443,8 +250,8 @@ class PvDma:
             if region.address_space != 0 and region.guest_addr < end and gpa < region.end:
                 raise HypercallError(KVM_EFAULT, f"range {gpa:#x}-{end:#x} overlaps SMRAM "
                                      f"{region!r}")
-        if self.machine is not None:
-            for m in self.machine.mmio.devices():
+        if self.mmio is not None:
+            for m in self.mmio.devices():
                 if m.base < end and gpa < m.end:
                     raise HypercallError(KVM_EFAULT, f"range {gpa:#x}-{end:#x} overlaps MMIO "
                                          f"{type(m.device).__name__} at {m.base:#x}")
@@ -457,7 +264,7 @@ class PvDma:
             if region.readonly:
                 raise HypercallError(KVM_EFAULT, f"gpa {at:#x} is in a read-only slot")
             n = min(end, region.end) - at
-            pieces.append(_Piece(region, at - region.guest_addr, n, at))
+            pieces.append(DmaPiece(region, at - region.guest_addr, n, at))
             at += n
         return tuple(pieces)
 
@@ -469,7 +276,11 @@ class PvDma:
                 raise HypercallError(KVM_EIO, "the PV-DMA device is closed")
             pieces = self._pieces(gpa, npages)
             mapping = DmaMapping(gpa, npages, pieces)
-            err = self._pins.pin(mapping.host_pages)
+            err = self._pins.pin(mapping.host_pages, self.max_mappings)
+            if err == _errno.ENOSPC:
+                self.refused += 1
+                raise HypercallError(KVM_ENOSPC, f"the VM already has {self.max_mappings} "
+                                     "live DMA mappings (PvDma max_mappings)")
             if err:
                 raise HypercallError(KVM_ENOMEM, f"cannot pin {npages} pages at {gpa:#x}: "
                                      f"{os.strerror(err)}")
@@ -491,7 +302,7 @@ class PvDma:
             raise HypercallError(KVM_ENOENT, f"no DMA mapping of {npages} pages at {gpa:#x}")
 
     def _release(self, mapping: DmaMapping) -> None:
-        mapping._deactivate()
+        mapping.release()
         self._pins.unpin(mapping.host_pages)
 
     @property
@@ -586,9 +397,9 @@ class PvDma:
                 self.dispatcher.unregister(KVM_HC_MAP_GPA_RANGE)
             except ValueError:
                 pass
-        if self.machine is not None:
+        if self.pio is not None:
             try:
-                self.machine.pio.unregister(self)
+                self.pio.unregister(self)
             except ValueError:
                 pass
 

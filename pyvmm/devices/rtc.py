@@ -214,7 +214,15 @@ class Rtc:
 
     def _tick(self) -> None:
         with self._lock:
-            self._catch_up()
+            if self._closed:
+                return
+            try:
+                self._catch_up()
+            except (OSError, ValueError):   # KvmError, ClosedError
+                # The VM went away under the timer (closed without close() here first):
+                # nothing left to interrupt.
+                self._closed, self._timer = True, None
+                return
             self._reschedule()
 
     # -- guest side ----------------------------------------------------------------------

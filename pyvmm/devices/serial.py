@@ -1,8 +1,12 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
 """A 16550 UART subset: enough for a guest to print through the classic COM1 port."""
 
 from __future__ import annotations
 
+import operator
 import threading
+
+from .limits import DEFAULT_SERIAL_KEEP
 
 COM1 = 0x3F8
 
@@ -14,14 +18,20 @@ LCR_DLAB = 0x80
 
 
 class SerialConsole:
-    """Transmit-only 16550: bytes written to THR are collected in `output` (and passed to
-    `sink`, if given); the line status always says the transmitter is empty; there is no
-    receive data. Divisor latch and scratch registers read back what was written."""
+    """Transmit-only 16550: bytes written to THR are passed to `sink`, if given, and the most
+    recent `keep` of them are kept in `output` (older ones are dropped and counted in
+    `dropped`: a guest printing forever cannot grow host memory); the line status always says
+    the transmitter is empty; there is no receive data. Divisor latch and scratch registers
+    read back what was written."""
 
     length = 8
 
-    def __init__(self, sink=None) -> None:
+    def __init__(self, sink=None, *, keep: int = DEFAULT_SERIAL_KEEP) -> None:
+        if isinstance(keep, bool) or operator.index(keep) < 0:
+            raise ValueError(f"keep must be a byte count >= 0, got {keep!r}")
         self.sink = sink
+        self.keep = operator.index(keep)
+        self.dropped = 0
         self._out = bytearray()
         self._lock = threading.Lock()
         self._regs = bytearray(8)
@@ -31,6 +41,11 @@ class SerialConsole:
     def output(self) -> bytes:
         with self._lock:
             return bytes(self._out)
+
+    def clear(self) -> None:
+        """Forget the output kept so far (`dropped` stays)."""
+        with self._lock:
+            self._out.clear()
 
     @property
     def text(self) -> str:
@@ -44,6 +59,10 @@ class SerialConsole:
         elif offset == THR_RBR:
             with self._lock:
                 self._out.append(value)
+                over = len(self._out) - self.keep
+                if over > 0:
+                    del self._out[:over]  # cheap: CPython moves a bytearray's start
+                    self.dropped += over
             if self.sink is not None:
                 self.sink(bytes([value]))
         elif offset not in (LSR, MSR):

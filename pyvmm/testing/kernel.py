@@ -15,7 +15,6 @@ This module finds or installs what that needs:
 
 from __future__ import annotations
 
-import bz2
 import gzip
 import hashlib
 import json
@@ -26,13 +25,16 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from .kernel_image import extract_vmlinux, has_pvh_note  # noqa: F401  (re-exported)
 
 # The modules the guest loads, by name; their dependencies are added automatically.
 KVM_MODULES = ("irqbypass", "kvm", "ccp", "kvm_amd")
 SHARE_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+# The virtio-mmio drivers a `pyvmm boot` guest loads (pyvmm.boot); kept in the same cache.
+BOOT_MODULES = ("virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng")
 
 HOST_PACKAGES = {
     # package: the file that shows it is installed
@@ -42,7 +44,7 @@ HOST_PACKAGES = {
 QBOOT = "/usr/share/qemu/qboot.rom"
 KERNEL_PACKAGE_RE = re.compile(r"^linux-image-6\.1\.0-(\d+)-amd64$")
 
-CACHE_LAYOUT_VERSION = "1"
+CACHE_LAYOUT_VERSION = "2"  # 2: the boot modules too
 
 
 class NestedSetupError(RuntimeError):
@@ -181,13 +183,21 @@ class Kernel:
         meta = json.loads((self.root / "modules.json").read_text())
         return [self.root / "modules" / f"{name}.ko" for name in meta["order"]]
 
+    @property
+    def boot_modules(self) -> list[Path]:
+        """The virtio-mmio guest drivers of `pyvmm boot`, dependencies first."""
+        meta = json.loads((self.root / "modules.json").read_text())
+        return [self.root / "modules" / f"{name}.ko" for name in meta.get("boot_order", [])]
+
 
 def _cached_kernels(base: Path) -> list[Kernel]:
     kdir = base / "kernels"
     out = []
     if kdir.is_dir():
         for d in kdir.iterdir():
-            if (d / "ready").exists():
+            ready = d / "ready"
+            # an older layout lacks modules this one extracts: fetched again
+            if ready.exists() and ready.read_text().strip() == CACHE_LAYOUT_VERSION:
                 out.append(Kernel(d))
     return sorted(out, key=lambda k: _version_key(f"linux-image-{k.release}"))
 
@@ -293,10 +303,11 @@ def _install_kernel_tree(tree: Path, release: str, dest: Path) -> None:
     builtin = _builtin_modules(moddir)
     index = _module_index(moddir / "kernel")
     order = module_load_order([*KVM_MODULES, *SHARE_MODULES], index, builtin)
+    boot_order = module_load_order(BOOT_MODULES, index, builtin)
     (dest / "modules").mkdir()
-    for name in order:
+    for name in dict.fromkeys([*order, *boot_order]):
         (dest / "modules" / f"{name}.ko").write_bytes(_read_module(index[name]))
-    meta = {"release": release, "order": order, "builtin_roots":
+    meta = {"release": release, "order": order, "boot_order": boot_order, "builtin_roots":
             sorted(n for n in (*KVM_MODULES, *SHARE_MODULES) if n in builtin)}
     (dest / "modules.json").write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -370,78 +381,6 @@ def module_load_order(roots, index: dict[str, Path], builtin: set[str],
     for root in roots:
         visit(root)
     return order
-
-
-# --------------------------------------------------------------------------- vmlinux extraction
-
-def extract_vmlinux(bzimage: bytes) -> bytes:
-    """The ELF vmlinux inside an x86 bzImage.
-
-    The boot protocol header (at 0x1f1) gives the number of 512-byte setup sectors; the
-    protected-mode part follows them, and its header fields payload_offset (0x248) and
-    payload_length (0x24c) locate the compressed kernel within that part.
-    """
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        raise ValueError("not a bzImage (no HdrS boot header)")
-    version, = struct.unpack_from("<H", bzimage, 0x206)
-    if version < 0x208:
-        raise ValueError(f"boot protocol {version:#x} has no payload fields")
-    setup_sects = bzimage[0x1F1] or 4
-    pm_start = (setup_sects + 1) * 512
-    offset, length = struct.unpack_from("<II", bzimage, 0x248)
-    payload = bzimage[pm_start + offset: pm_start + offset + length]
-    elf = _decompress(payload)
-    if elf[:4] != b"\x7fELF":
-        raise ValueError("decompressed payload is not an ELF file")
-    return elf
-
-
-def _decompress(payload: bytes) -> bytes:
-    if payload[:6] == b"\xfd7zXZ\x00":
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        return d.decompress(payload)
-    if payload[:2] == b"\x1f\x8b":
-        return zlib.decompressobj(wbits=31).decompress(payload)
-    if payload[:3] == b"BZh":
-        return bz2.BZ2Decompressor().decompress(payload)
-    if payload[:3] == b"\x5d\x00\x00":
-        return lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
-    if payload[:4] == b"\x28\xb5\x2f\xfd" and shutil.which("zstd"):
-        # the kernel appends the uncompressed size; zstd stops at the end of its frame
-        res = subprocess.run(["zstd", "-dc"], input=payload[:-4], capture_output=True, check=True)
-        return res.stdout
-    raise ValueError(f"unsupported kernel compression (magic {payload[:4].hex()})")
-
-
-def has_pvh_note(elf: bytes) -> bool:
-    """True if the ELF has a Xen note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU can boot it
-    through PVH."""
-    try:
-        return _find_pvh_note(elf)
-    except struct.error:  # truncated
-        return False
-
-
-def _find_pvh_note(elf: bytes) -> bool:
-    if elf[:4] != b"\x7fELF" or elf[4] != 2:
-        return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        base = phoff + i * phentsize
-        p_type, = struct.unpack_from("<I", elf, base)
-        if p_type != 4:  # PT_NOTE
-            continue
-        off, = struct.unpack_from("<Q", elf, base + 8)
-        size, = struct.unpack_from("<Q", elf, base + 32)
-        pos, end = off, off + size
-        while pos + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12: pos + 12 + namesz].rstrip(b"\x00")
-            if name == b"Xen" and ntype == 18:
-                return True
-            pos += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return False
 
 
 def file_digest(path: Path) -> str:

@@ -119,15 +119,34 @@ def machine(kvm):
 
 
 @pytest.fixture
+def make_machine(kvm):
+    """``make(**options)``: a ``pyvmm.Machine(kvm=..., **options)`` (vcpus, irqchip,
+    memory_size, serial), each closed after the test."""
+    pyvmm = _import_core()
+    made = []
+
+    def make(**options):
+        m = pyvmm.Machine(kvm=kvm, **options)
+        made.append(m)
+        return m
+    try:
+        yield make
+    finally:
+        for m in reversed(made):
+            m.close()
+
+
+@pytest.fixture
 def payload_source(tmp_path):
-    """``make(body, mode="long64-user", name="p")``: a payload written from assembler source
-    (``pyvmm.inc`` included, the code at ``start``), as a path ``Machine.load`` and
-    ``guests.build`` take. Long64-user code runs natively (fast) even on an emulating host."""
-    def make(body: str, mode: str = "long64-user", name: str = "p") -> str:
+    """``make(body, mode="long64-user", data="", name="p")``: a payload written from
+    assembler source (``pyvmm.inc`` included, `body` at ``start``, `data` in ``.data``), as a
+    path ``Machine.load`` and ``guests.build`` take. Long64-user code runs natively (fast)
+    even on an emulating host."""
+    def make(body: str, mode: str = "long64-user", data: str = "", name: str = "p") -> str:
         bits = {"real16": ".code16", "prot32": ".code32"}.get(mode, ".code64")
         src = tmp_path / f"{name}_{mode.replace('-', '_')}.S"
         src.write_text(f"# pyvmm: mode={mode}\n.include \"pyvmm.inc\"\n.text\n{bits}\n"
-                       f".globl start\nstart:\n{body}\n")
+                       f".globl start\nstart:\n{body}\n.data\n{data}\n")
         return str(src)
     return make
 
