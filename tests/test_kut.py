@@ -244,8 +244,9 @@ def test_cli_without_a_tree_says_how_to_build(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYVMM_KUT_DIR"}
     proc = subprocess.run([sys.executable, "-m", "pyvmm.cli", "kut"], env=env,
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "--kut-dir" in proc.stderr and "configure" in proc.stderr
+    last = proc.stderr.splitlines()[-1]   # one line (after any unrelated warning)
+    assert proc.returncode == 2 and last.startswith("pyvmm: no kvm-unit-tests tree")
+    assert "--kut-dir" in last and "configure" in last
     proc = subprocess.run([sys.executable, "-m", "pyvmm.cli", "kut", "--kut-dir",
                            str(tmp_path)], env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "not an x86 kvm-unit-tests tree" in proc.stderr
@@ -297,3 +298,12 @@ def test_platform_hook_instruments_a_device(kut_dir):
     # the selector write of FW_CFG_NB_CPUS (5), then reads of the data port
     assert ("w", 0, (5).to_bytes(2, "little")) in accesses
     assert any(kind == "r" and offset == 1 for kind, offset, _ in accesses)
+
+
+def test_qemu_that_cannot_start_is_an_error_not_a_pass(kut_dir):
+    # QEMU exits with 1 both for a passing test ((0 << 1) | 1) and when it cannot start.
+    if qemu_binary() is None:
+        pytest.fail("qemu-system-x86_64 is needed for the reference run")
+    test = KutTest("bad", "setjmp.flat", extra_params="-cpu max,+no-such-feature-here")
+    outcome = run_qemu(kut_dir, test, timeout=60)
+    assert outcome.status == "ERROR" and "failed to start" in outcome.reason, outcome

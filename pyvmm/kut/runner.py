@@ -302,10 +302,14 @@ def run_qemu(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | None
         seconds = time.perf_counter() - start
     output = proc.stdout.decode("utf-8", "replace")
     outcome = Outcome("FAIL", output=output, seconds=seconds, exit_status=proc.returncode)
-    if proc.returncode > 0 and proc.returncode & 1:
+    errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    if proc.returncode == 1 and not output.strip():
+        # 1 is also how QEMU itself fails (a bad option): nothing ran when nothing was printed
+        outcome.status = "ERROR"
+        outcome.reason = "QEMU failed to start" + (f": {errors[-1]}" if errors else "")
+    elif proc.returncode > 0 and proc.returncode & 1:
         outcome.status = status_from_exit(proc.returncode)
     else:
-        errors = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         outcome.status = "ERROR" if proc.returncode != 0 and not output else "FAIL"
         outcome.reason = (f"QEMU exited with {proc.returncode}"
                           + (f": {errors[-1]}" if errors else ""))
