@@ -39,6 +39,7 @@ from benchlib import (
     Case,
     CRef,
     LoadedMachine,
+    counted_machine,
     doorbell,
     dump_state,
     lazy,
@@ -109,14 +110,7 @@ def run_side(mode: str, path: str) -> Callable[[int], Times]:
 
 def machine_side(mode: str, path: str) -> Callable[[int], Times]:
     """`loops` rings served by `Machine.run()` and a Counter on the bus."""
-    from pyvmm.devices import Counter
-
-    lm = LoadedMachine(doorbell(mode, path == "mmio"))
-    device = Counter()
-    if path == "mmio":
-        lm.machine.mmio.register(DOORBELL_MMIO, 8, device)
-    else:
-        lm.machine.pio.register(DOORBELL_PORT, 4, device)
+    lm, device = counted_machine(mode, path)
 
     def measure(loops: int) -> Times:
         lm.reset(loops)

@@ -16,6 +16,7 @@ from benchlib import (
     PORT_REPORT,
     Case,
     LoadedMachine,
+    counted_machine,
     doorbell,
     lazy,
     main,
@@ -31,15 +32,8 @@ MODE_TITLE = {"cpl0": "CPL0", "cpl3": "CPL3"}
 
 
 def machine_exit(mode: str, path: str):
-    """Userspace exits dispatched by Machine._run_vcpu to a Counter on the PIO/MMIO bus."""
-    from pyvmm.devices import Counter
-
-    lm = LoadedMachine(doorbell(mode, path == "mmio"))
-    device = Counter()
-    if path == "mmio":
-        lm.machine.mmio.register(DOORBELL_MMIO, 8, device)
-    else:
-        lm.machine.pio.register(DOORBELL_PORT, 4, device)
+    """Userspace exits dispatched by Machine's run loop to a Counter on the PIO/MMIO bus."""
+    lm, device = counted_machine(mode, path)
 
     def time_func(loops: int) -> float:
         lm.reset(loops)

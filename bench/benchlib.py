@@ -266,6 +266,20 @@ class LoadedMachine:
         self.kvm.close()
 
 
+
+def counted_machine(mode: str, path: str) -> tuple[LoadedMachine, Any]:
+    """The doorbell scenario on a LoadedMachine whose rings a Counter device on the PIO or
+    MMIO bus counts (the userspace-exit path through Machine and the bus)."""
+    from pyvmm.devices import Counter
+
+    lm = LoadedMachine(doorbell(mode, path == "mmio"))
+    device = Counter()
+    if path == "mmio":
+        lm.machine.mmio.register(DOORBELL_MMIO, 8, device)
+    else:
+        lm.machine.pio.register(DOORBELL_PORT, 4, device)
+    return lm, device
+
 def lazy(factory: Callable[[], Callable[[int], float]]) -> Callable[[int], float]:
     """Defer building a time function (and its VM) to its first call, in the worker."""
     made: list[Callable[[int], float]] = []
