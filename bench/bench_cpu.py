@@ -32,14 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchlib import (
-    DOORBELL_MMIO,
-    DOORBELL_PORT,
-    PORT_DONE,
-    PORT_REPORT,
     Case,
     CRef,
     LoadedMachine,
     counted_machine,
+    serve_rings,
     doorbell,
     dump_state,
     lazy,
@@ -67,38 +64,14 @@ def cpu() -> tuple[float, float]:
 
 def run_side(mode: str, path: str) -> Callable[[int], Times]:
     """`loops` rings through a bare `Vcpu.run()` loop (the loop cref.c runs, in Python)."""
-    from pyvmm.exits import IoExit, MmioExit
-
     lm = LoadedMachine(doorbell(mode, path == "mmio"))
     vcpu, mmio = lm.vcpu, path == "mmio"
 
     def measure(loops: int) -> Times:
         lm.reset(loops)
-        run, get_regs = vcpu.run, vcpu.get_regs
-        rings = exits = 0
-        last = b""
         u0, s0 = cpu()
         w0 = _clock()
-        while True:
-            ex = run()
-            exits += 1
-            cls = type(ex)
-            if cls is IoExit:
-                port = ex.port
-                if port == DOORBELL_PORT and not mmio:
-                    last = bytes(ex.data)
-                    rings += 1
-                elif port == PORT_REPORT:
-                    get_regs()
-                elif port == PORT_DONE:
-                    break
-                else:
-                    raise RuntimeError(f"unexpected {ex}")
-            elif cls is MmioExit and ex.address == DOORBELL_MMIO and ex.is_write:
-                last = bytes(ex.data)
-                rings += 1
-            else:
-                raise RuntimeError(f"unexpected {ex}")
+        rings, exits, last = serve_rings(vcpu, mmio)
         w1 = _clock()
         u1, s1 = cpu()
         if rings != loops or (loops and not last):

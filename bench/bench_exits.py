@@ -12,11 +12,10 @@ from __future__ import annotations
 from benchlib import (
     DOORBELL_MMIO,
     DOORBELL_PORT,
-    PORT_DONE,
-    PORT_REPORT,
     Case,
     LoadedMachine,
     counted_machine,
+    serve_rings,
     doorbell,
     lazy,
     main,
@@ -50,37 +49,14 @@ def machine_exit(mode: str, path: str):
 
 def run_loop_exit(mode: str, path: str):
     """The same exits through `Vcpu.run()` alone: the loop cref.c runs, written in Python."""
-    from pyvmm.exits import IoExit, MmioExit
-
     lm = LoadedMachine(doorbell(mode, path == "mmio"))
     vcpu = lm.vcpu
     mmio = path == "mmio"
 
     def time_func(loops: int) -> float:
         lm.reset(loops)
-        run = vcpu.run
-        rings = 0
-        last = b""
         start = perf_counter()
-        while True:
-            ex = run()
-            cls = type(ex)
-            if cls is IoExit:
-                port = ex.port
-                if port == DOORBELL_PORT and not mmio:
-                    last = bytes(ex.data)
-                    rings += 1
-                elif port == PORT_REPORT:
-                    vcpu.get_regs()
-                elif port == PORT_DONE:
-                    break
-                else:
-                    raise RuntimeError(f"unexpected {ex}")
-            elif cls is MmioExit and ex.address == DOORBELL_MMIO and ex.is_write:
-                last = bytes(ex.data)
-                rings += 1
-            else:
-                raise RuntimeError(f"unexpected {ex}")
+        rings, _exits, last = serve_rings(vcpu, mmio)
         elapsed = perf_counter() - start
         if rings != loops or (loops and not last):
             raise RuntimeError(f"counted {rings} rings for {loops}")

@@ -280,6 +280,37 @@ def counted_machine(mode: str, path: str) -> tuple[LoadedMachine, Any]:
         lm.machine.pio.register(DOORBELL_PORT, 4, device)
     return lm, device
 
+
+def serve_rings(vcpu: Any, mmio: bool) -> tuple[int, int, bytes]:
+    """The loop cref.c runs, written in Python: `vcpu.run()` until the guest's DONE, counting
+    doorbell rings (PIO or MMIO writes) and answering reports. Returns (rings, exits, the last
+    ring's data); any other exit is an error. Timed by the caller around the whole loop."""
+    from pyvmm.exits import IoExit, MmioExit
+
+    run, get_regs = vcpu.run, vcpu.get_regs
+    rings = exits = 0
+    last = b""
+    while True:
+        ex = run()
+        exits += 1
+        cls = type(ex)
+        if cls is IoExit:
+            port = ex.port
+            if port == DOORBELL_PORT and not mmio:
+                last = bytes(ex.data)
+                rings += 1
+            elif port == PORT_REPORT:
+                get_regs()
+            elif port == PORT_DONE:
+                return rings, exits, last
+            else:
+                raise RuntimeError(f"unexpected {ex}")
+        elif cls is MmioExit and ex.address == DOORBELL_MMIO and ex.is_write:
+            last = bytes(ex.data)
+            rings += 1
+        else:
+            raise RuntimeError(f"unexpected {ex}")
+
 def lazy(factory: Callable[[], Callable[[int], float]]) -> Callable[[int], float]:
     """Defer building a time function (and its VM) to its first call, in the worker."""
     made: list[Callable[[int], float]] = []
