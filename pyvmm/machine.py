@@ -18,6 +18,7 @@ from .errors import ClosedError
 from .exits import Exit
 from .kick import check_timeout
 from .kvm import Kvm
+from .machine_coalesced import CoalescedMachineMethods
 from .machine_fastpath import FastPathMethods
 from .machine_load import AP_STACK_SIZE, LoadMethods
 from .runloop import MAX_CONSOLE, MAX_REPORTS
@@ -41,7 +42,7 @@ ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-class Machine(LoadMethods, FastPathMethods, SnapshotMethods):
+class Machine(LoadMethods, FastPathMethods, CoalescedMachineMethods, SnapshotMethods):
     """A VM ready to run payloads.
 
         with Machine() as m:
@@ -177,10 +178,12 @@ class Machine(LoadMethods, FastPathMethods, SnapshotMethods):
         started = time.monotonic()
         try:
             control.arm(timeout)
+            wrap_run = self._coalesced_run()   # None without coalesced zones
             if len(selected) == 1:
-                outcome = self._run_one(selected[0], control, result, result.exits)
+                outcome = self._run_one(selected[0], control, result, result.exits, wrap_run)
             else:
-                outcome = self._run_threads(selected, control, result)
+                outcome = self._run_threads(selected, control, result, wrap_run)
+            outcome = self._drain_at_end(outcome)
         finally:
             control.disarm()
             with self._lock:
@@ -197,25 +200,36 @@ class Machine(LoadMethods, FastPathMethods, SnapshotMethods):
             raise result.error
         return result
 
+    def _drain_at_end(self, outcome: Outcome) -> Outcome:
+        # Coalesced writes the guest made after the last exit reach their devices too.
+        try:
+            self.drain_coalesced()
+        except Exception as err:
+            if outcome.error is None:
+                return Outcome(Stop.ERROR, None, None, outcome.last_exit, err, outcome.vcpu)
+        return outcome
+
     def _run_one(self, vcpu: Vcpu, control: RunControl, result: RunResult,
-                 counts: Counter) -> Outcome:
+                 counts: Counter, wrap_run=None) -> Outcome:
         per_vcpu: Counter = Counter()
         result.exits_per_vcpu[vcpu.id] = per_vcpu
         try:
             outcome = run_vcpu(vcpu, control, result, console=self._console, counts=per_vcpu,
                                io=self.pio.handle_io, mmio=self.mmio.handle_mmio,
-                               handlers=self.exit_handlers, max_reports=self.max_reports)
+                               handlers=self.exit_handlers, max_reports=self.max_reports,
+                               wrap_run=wrap_run)
         finally:
             counts.update(per_vcpu)
         outcome.vcpu = vcpu.id
         return outcome
 
     def _run_threads(self, selected: list[Vcpu], control: RunControl,
-                     result: RunResult) -> Outcome:
+                     result: RunResult, wrap_run=None) -> Outcome:
         counts: dict[int, Counter] = {v.id: Counter() for v in selected}
         try:
             return run_threads(selected, control,
-                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id]))
+                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id],
+                                                          wrap_run))
         finally:
             for c in counts.values():
                 result.exits.update(c)
@@ -268,4 +282,5 @@ class Machine(LoadMethods, FastPathMethods, SnapshotMethods):
 
     # Inherited: load(), start_vcpu(), load_multiboot(), load_linux() from
     # pyvmm.machine_load; doorbell(), interrupt(), msi_interrupt(), worker from
-    # pyvmm.machine_fastpath; snapshot(path) and Machine.restore(path) from pyvmm.snapshot.
+    # pyvmm.machine_fastpath; coalesce(), drain_coalesced() from pyvmm.machine_coalesced;
+    # snapshot(path) and Machine.restore(path) from pyvmm.snapshot.
