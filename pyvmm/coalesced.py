@@ -94,6 +94,11 @@ class CoalescedRing:
     def closed(self) -> bool:
         return self._map is None
 
+    @property
+    def indices(self) -> tuple[int, int]:
+        """(first, last) as the page holds them now, checked (RingCorrupt otherwise)."""
+        return self._indices()
+
     def _indices(self) -> tuple[int, int]:
         ring = self._ring
         if ring is None:
