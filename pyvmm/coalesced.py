@@ -148,8 +148,11 @@ class CoalescedRing:
     def drain(self, deliver: Callable[[CoalescedWrite], object]) -> int:
         """Consume the waiting writes and call `deliver(write)` for each, in order, under
         the ring's lock; returns how many. Every taken write is delivered even if one
-        delivery raises; the first exception is raised at the end."""
+        delivery raises; the first exception is raised at the end. A closed ring has nothing
+        to drain (0): a vCPU thread leaving KVM_RUN while its VM closes must not fail."""
         with self._lock:
+            if self._map is None:
+                return 0
             writes = self._take()
             error: BaseException | None = None
             for write in writes:
