@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .args import as_index
 from .coalesced import CoalescedRing, CoalescedWrite
 from .ucall import PORTS as UCALL_PORTS
 
@@ -76,6 +77,7 @@ class CoalescedMachineMethods:
         device on `mmio`/`pio` owning that range gets them, in order, before any other exit
         is served and when the run ends. Reads still exit. Needs a vCPU and
         KVM_CAP_COALESCED_MMIO (KVM_CAP_COALESCED_PIO for ports); not during a run."""
+        address, size = as_index("zone address", address), as_index("zone size", size)
         if pio and any(address <= p < address + size for p in UCALL_PORTS):
             raise ValueError(f"port zone {address:#x}+{size:#x} covers a ucall port "
                              f"({sorted(hex(p) for p in UCALL_PORTS)}): the run loop "
@@ -87,7 +89,7 @@ class CoalescedMachineMethods:
             ring = self.vm.coalesced_ring()
             self.vm.register_coalesced_mmio(address, size, pio=pio)
             self._ring = ring
-            zone = CoalescedZoneHandle(int(address), int(size), pio, self._remove_zone)
+            zone = CoalescedZoneHandle(address, size, pio, self._remove_zone)
             self.__dict__.setdefault("_zones", []).append(zone)
             return zone
 
