@@ -17,7 +17,8 @@ the page before using them, and consumes at most RING_ENTRIES - 1 entries per ca
 
 Memory ordering (x86 only, like the rest of pyvmm): KVM writes an entry, then publishes it by
 storing `last` (after a write barrier). The reader loads `last` once, then copies the
-entries from `first` up to it, then stores the new `first`. x86 keeps loads in order with
+entries from `first` up to it, then (after delivering them, in `drain()`) stores the new
+`first`. x86 keeps loads in order with
 loads and stores after earlier loads, and each step is a separate C call the compiler cannot
 move, so the copy sees whole entries and KVM reuses a slot only after it has been copied.
 """
@@ -48,6 +49,7 @@ RING_ENTRIES = (PAGE - HEADER) // ENTRY_SIZE
 #: Writes that can wait in the ring (KVM keeps one entry free to tell full from empty).
 MAX_PENDING = RING_ENTRIES - 1
 _ENTRY = struct.Struct("<QII8s")
+_HEAD = struct.Struct("<II")          # first, last
 
 
 class RingCorrupt(RuntimeError):
@@ -119,12 +121,16 @@ class CoalescedRing:
     def take(self) -> list[CoalescedWrite]:
         """Consume the waiting writes (at most MAX_PENDING), oldest first."""
         with self._lock:
-            return self._take()
+            writes, last = self._copy()
+            if writes:
+                self._ring.first = last   # after the copy: KVM may refill these slots now
+            return writes
 
-    def _take(self) -> list[CoalescedWrite]:
+    def _copy(self) -> tuple[list[CoalescedWrite], int]:
+        # The waiting writes and the `last` they end at; `first` is left to the caller.
         first, last = self._indices()
         if first == last:
-            return []
+            return [], last
         count = (last - first) % RING_ENTRIES
         page = self._page
         start = HEADER + first * ENTRY_SIZE
@@ -133,34 +139,48 @@ class CoalescedRing:
         else:  # wrapped: the tail of the array, then its head
             raw = bytes(page[start: HEADER + RING_ENTRIES * ENTRY_SIZE]) \
                 + bytes(page[HEADER: HEADER + last * ENTRY_SIZE])
-        self._ring.first = last   # after the copy: KVM may refill these slots now
         out = []
         for i, (addr, length, pio, data) in enumerate(_ENTRY.iter_unpack(raw)):
             if not 0 < length <= 8 or pio > 1:
+                self._ring.first = last   # dropped: nothing in this batch is trusted
                 raise RingCorrupt(f"coalesced ring entry {(first + i) % RING_ENTRIES}: "
                                   f"len {length}, pio {pio} (KVM writes len 1..8, pio 0/1)")
             out.append(CoalescedWrite(addr, data[:length], bool(pio)))
         self.consumed += count
         if count > self.high_water:
             self.high_water = count
-        return out
+        return out, last
 
     def drain(self, deliver: Callable[[CoalescedWrite], object]) -> int:
         """Consume the waiting writes and call `deliver(write)` for each, in order, under
         the ring's lock; returns how many. Every taken write is delivered even if one
         delivery raises; the first exception is raised at the end. A closed ring has nothing
-        to drain (0): a vCPU thread leaving KVM_RUN while its VM closes must not fail."""
+        to drain (0): a vCPU thread leaving KVM_RUN while its VM closes must not fail.
+
+        `first` advances only once the batch is delivered, so a thread that finds the ring
+        empty (first == last, read without the lock: the cheap path of every exit) knows no
+        other thread is still delivering writes that came before its exit."""
+        try:
+            first, last = _HEAD.unpack_from(self._page)
+        except (ValueError, TypeError):   # the view was released: the ring is closed
+            return 0
+        if first == last:
+            return 0
         with self._lock:
             if self._map is None:
                 return 0
-            writes = self._take()
+            writes, last = self._copy()
             error: BaseException | None = None
-            for write in writes:
-                try:
-                    deliver(write)
-                except BaseException as err:
-                    if error is None:
-                        error = err
+            try:
+                for write in writes:
+                    try:
+                        deliver(write)
+                    except BaseException as err:
+                        if error is None:
+                            error = err
+            finally:
+                if writes:
+                    self._ring.first = last
             if error is not None:
                 raise error
             return len(writes)

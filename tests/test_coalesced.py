@@ -355,3 +355,21 @@ def test_close_during_a_coalesced_run(make_machine):
     assert not thread.is_alive()
     assert out and out[0].stop == "closed", out
     assert log.values() == list(range(len(log.writes)))
+
+
+def test_a_failing_device_ends_the_run_and_the_ring_moves_on(m):
+    class Broken(Log):
+        def write(self, offset: int, data: bytes) -> None:
+            super().write(offset, data)
+            if len(self.writes) == 3:
+                raise RuntimeError("device bug")
+
+    broken = Broken()
+    m.mmio.register(BASE, 0x1000, broken)
+    m.coalesce(BASE, 0x1000)
+    m.load("coalesced", regs={"rcx": 20, "rdi": BASE, "r8": 0, "r9": 0, "r10": 0, "r11": 0})
+    result = m.run(timeout=30)
+    assert result.stop == "error" and "device bug" in str(result.error)
+    # Every write of the batch was still delivered, and the ring is not stuck.
+    assert broken.values() == list(range(20))
+    assert m.vm.coalesced_ring().pending == 0
