@@ -7,18 +7,20 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from .args import as_index
 from .devices import COM1, Doorbell, DoorbellWorker, Interrupt, MmioBus, PioBus, SerialConsole
-from .devices.interrupt import MSI_ADDRESS, GsiRouting
+from .devices.interrupt import GsiRouting
 from .devices.serial import COM1_IRQ
 from .detached import detached_error
 from .errors import ClosedError
 from .exits import Exit
-from .ioevent import IoEventAddress
 from .kick import check_timeout
 from .kvm import Kvm
+from .machine_coalesced import CoalescedMachineMethods
+from .machine_fastpath import FastPathMethods
+from .machine_load import AP_STACK_SIZE, LoadMethods
 from .runloop import MAX_CONSOLE, MAX_REPORTS
 from .runloop import STOPS as _STOPS
 from .runloop import ConsoleBuffer, Outcome, RunControl, RunResult, Stop, finish, run_vcpu
@@ -31,8 +33,6 @@ from .vcpu_state import MpState
 #: How a run ended (kept here for older imports: the run loop owns them).
 STOPS = _STOPS
 
-#: The stack each vCPU gets below the previous one's in a host-set SMP start.
-AP_STACK_SIZE = 0x1000
 #: Seconds run() waits at its end for doorbell callbacks (one may never return).
 FLUSH_TIMEOUT = 5.0
 
@@ -42,7 +42,7 @@ ExitHandler = Callable[[Exit, Vcpu], "Stop | str | None"]
 __all__ = ["AP_STACK_SIZE", "STOPS", "Machine", "MpState", "RunResult", "Stop"]
 
 
-class Machine(SnapshotMethods):
+class Machine(LoadMethods, FastPathMethods, CoalescedMachineMethods, SnapshotMethods):
     """A VM ready to run payloads.
 
         with Machine() as m:
@@ -143,112 +143,6 @@ class Machine(SnapshotMethods):
         """The console output of the current (or last) run, as text."""
         return self._console.getvalue().decode("utf-8", "replace")
 
-    # -- payloads ------------------------------------------------------------------------
-
-    def load(self, payload, *, regs: dict[str, int] | None = None,
-             memory_size: int | None = None, start_aps: bool = False,
-             vcpu_regs: Callable[[int], Mapping[str, int]] | Mapping[int, Mapping[str, int]]
-             | None = None):
-        """Build (by name or path) or take a `pyvmm.guests.Payload`, give the VM RAM at 0 if it
-        has none, write the image and system structures, and set vCPU 0 up for its mode.
-        `regs` are the payload's parameters (e.g. {"rcx": 1000}).
-
-        SMP: by default the other vCPUs (APs) only get the CPUID table, and are left for the
-        guest to start (INIT-SIPI-SIPI with the in-kernel irqchip). With `start_aps=True` the
-        host starts them: every vCPU is set up like vCPU 0 (see `start_vcpu`). `vcpu_regs`
-        gives per-vCPU registers on top of `regs`: a function of the vCPU id, or a mapping
-        from id to registers (e.g. `lambda i: {"r10": i}` to tell each vCPU its id)."""
-        from . import guests
-
-        if not isinstance(payload, guests.Payload):
-            payload = guests.build(payload)
-        if not self.vm.memory.regions(0):
-            payload.create_memory(self.vm, max(memory_size or 0, payload.memory_size))
-        payload.load(self.vm)
-        self.payload = payload
-        if vcpu_regs is None and not start_aps:
-            payload.setup_vcpu(self.vcpus[0], regs=regs)
-        else:
-            self.start_vcpu(0, regs=self._regs_for(0, regs, vcpu_regs))
-        for vcpu in self.vcpus[1:]:
-            if start_aps:
-                self.start_vcpu(vcpu.id, regs=self._regs_for(vcpu.id, regs, vcpu_regs))
-            elif not vcpu.cpuid_set:
-                # A guest-started AP switches to long mode itself, which needs LM in its CPUID.
-                vcpu.set_cpuid(self.kvm.supported_cpuid())
-        return payload
-
-    @staticmethod
-    def _regs_for(vcpu_id: int, regs, vcpu_regs) -> dict[str, int]:
-        merged = dict(regs or {})
-        if vcpu_regs is not None:
-            extra = vcpu_regs(vcpu_id) if callable(vcpu_regs) else vcpu_regs.get(vcpu_id)
-            merged.update(extra or {})
-        return merged
-
-    def _vcpu(self, vcpu_id: int) -> Vcpu:
-        for vcpu in self.vcpus:
-            if vcpu.id == vcpu_id:
-                return vcpu
-        raise ValueError(f"this machine has no vCPU {vcpu_id}")
-
-    def start_vcpu(self, vcpu_id: int, *, regs: Mapping[str, int] | None = None) -> Vcpu:
-        """Host-set start of one vCPU at the loaded payload's entry, in its mode: a stack of
-        its own (the mode's default top minus `vcpu_id * AP_STACK_SIZE`, unless `regs` has
-        "rsp") and `regs`; with the in-kernel irqchip also MP state RUNNABLE, which an AP
-        otherwise reaches only through INIT and SIPI."""
-        from .guests import modes
-
-        if self.payload is None:
-            raise RuntimeError("load() a payload before starting vCPUs")
-        vcpu = self._vcpu(vcpu_id)
-        regs = dict(regs or {})
-        rsp = regs.pop("rsp", modes.default_stack(self.payload.mode) - vcpu_id * AP_STACK_SIZE)
-        if self.irqchip and vcpu.get_mp_state() != MpState.RUNNABLE:
-            vcpu.set_mp_state(MpState.RUNNABLE)
-        self.payload.setup_vcpu(vcpu, rsp=rsp, regs=regs)
-        return vcpu
-
-    # -- fast-path devices ---------------------------------------------------------------
-
-    @property
-    def worker(self) -> DoorbellWorker:
-        if self.vm.closed:
-            raise ClosedError("the machine is closed")
-        if self._worker is None:
-            self._worker = DoorbellWorker()
-        return self._worker
-
-    def doorbell(self, address: IoEventAddress, *, length: int = 0,
-                 datamatch: int | None = None,
-                 callback: Callable[[Doorbell, int], None] | None = None) -> Doorbell:
-        """An ioeventfd doorbell. One with a callback is served by this machine's epoll
-        worker; one without only counts (the eventfd accumulates rings in the kernel and
-        `count`/`wait()` read them), which keeps a thread from waking on every ring."""
-        bell = Doorbell(self.vm, address, length=length, datamatch=datamatch,
-                        callback=callback, worker=self.worker if callback else None)
-        self.doorbells.append(bell)
-        return bell
-
-    def msi_interrupt(self, vector: int, *, address: int = MSI_ADDRESS) -> Interrupt:
-        """An irqfd on a new GSI routed to an MSI (`vector`, to local APIC 0 by default): it
-        reaches the LAPIC directly, no IOAPIC programming. Needs Machine(irqchip=True)."""
-        irq = self._gsi_routing().msi_interrupt(vector, address=address)
-        self.interrupts.append(irq)
-        return irq
-
-    def interrupt(self, gsi: int) -> Interrupt:
-        """An irqfd on `gsi` (needs Machine(irqchip=True)): an IOAPIC pin (0-23) or a GSI
-        msi_interrupt() routed; any other is a ValueError, as it could never reach the guest."""
-        irq = self._gsi_routing().interrupt(gsi)
-        self.interrupts.append(irq)
-        return irq
-
-    def _gsi_routing(self) -> GsiRouting:
-        if self._routing is None:
-            raise ValueError("irqfd interrupts need the in-kernel irqchip: Machine(irqchip=True)")
-        return self._routing
-
     # -- running -------------------------------------------------------------------------
 
     def stop(self, reason: str = Stop.STOPPED, *, status: int | None = None) -> None:
@@ -284,10 +178,12 @@ class Machine(SnapshotMethods):
         started = time.monotonic()
         try:
             control.arm(timeout)
+            wrap_run = self._coalesced_run()   # None without coalesced zones
             if len(selected) == 1:
-                outcome = self._run_one(selected[0], control, result, result.exits)
+                outcome = self._run_one(selected[0], control, result, result.exits, wrap_run)
             else:
-                outcome = self._run_threads(selected, control, result)
+                outcome = self._run_threads(selected, control, result, wrap_run)
+            outcome = self._drain_at_end(outcome)
         finally:
             control.disarm()
             with self._lock:
@@ -304,25 +200,36 @@ class Machine(SnapshotMethods):
             raise result.error
         return result
 
+    def _drain_at_end(self, outcome: Outcome) -> Outcome:
+        # Coalesced writes the guest made after the last exit reach their devices too.
+        try:
+            self.drain_coalesced()
+        except Exception as err:
+            if outcome.error is None:
+                return Outcome(Stop.ERROR, None, None, outcome.last_exit, err, outcome.vcpu)
+        return outcome
+
     def _run_one(self, vcpu: Vcpu, control: RunControl, result: RunResult,
-                 counts: Counter) -> Outcome:
+                 counts: Counter, wrap_run=None) -> Outcome:
         per_vcpu: Counter = Counter()
         result.exits_per_vcpu[vcpu.id] = per_vcpu
         try:
             outcome = run_vcpu(vcpu, control, result, console=self._console, counts=per_vcpu,
                                io=self.pio.handle_io, mmio=self.mmio.handle_mmio,
-                               handlers=self.exit_handlers, max_reports=self.max_reports)
+                               handlers=self.exit_handlers, max_reports=self.max_reports,
+                               wrap_run=wrap_run)
         finally:
             counts.update(per_vcpu)
         outcome.vcpu = vcpu.id
         return outcome
 
     def _run_threads(self, selected: list[Vcpu], control: RunControl,
-                     result: RunResult) -> Outcome:
+                     result: RunResult, wrap_run=None) -> Outcome:
         counts: dict[int, Counter] = {v.id: Counter() for v in selected}
         try:
             return run_threads(selected, control,
-                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id]))
+                               lambda vcpu: self._run_one(vcpu, control, result, counts[vcpu.id],
+                                                          wrap_run))
         finally:
             for c in counts.values():
                 result.exits.update(c)
@@ -373,28 +280,7 @@ class Machine(SnapshotMethods):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- loaders --
-    def load_multiboot(self, path, *, cmdline: str = "", modules=(), **kwargs):
-        """Load a Multiboot v1 kernel (ELF32) into RAM and set vCPU 0 at its entry in 32-bit
-        protected mode (EAX=0x2BADB002, EBX=the information structure); see
-        `pyvmm.loaders.multiboot.load_multiboot`. The other vCPUs are left for the guest
-        to start (INIT/SIPI)."""
-        from .loaders.multiboot import load_multiboot
-
-        info = load_multiboot(self, path, cmdline=cmdline, modules=modules, **kwargs)
-        for vcpu in self.vcpus[1:]:
-            if not vcpu.cpuid_set:
-                vcpu.set_supported_cpuid()
-        return info
-
-    def load_linux(self, kernel, *, initrd=None, cmdline: str = ""):
-        """Load a Linux kernel (a path or bytes: ELF vmlinux by its PVH entry, bzImage by its
-        64-bit entry), `initrd` and `cmdline` into RAM at 0, vCPU 0 at its entry (see
-        `pyvmm.loaders.linux.load_linux`)."""
-        from .loaders.linux import load_linux
-
-        return load_linux(self, kernel, initrd=initrd, cmdline=cmdline)
-
-    # -- x86 state --
-    # snapshot(path) and Machine.restore(path): inherited from
-    # pyvmm.snapshot.SnapshotMethods (the file format and the work live there).
+    # Inherited: load(), start_vcpu(), load_multiboot(), load_linux() from
+    # pyvmm.machine_load; doorbell(), interrupt(), msi_interrupt(), worker from
+    # pyvmm.machine_fastpath; coalesce(), drain_coalesced() from pyvmm.machine_coalesced;
+    # snapshot(path) and Machine.restore(path) from pyvmm.snapshot.

@@ -302,7 +302,8 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
              default: Handler | None = None, max_exits: int | None = None,
              max_reports: int = MAX_REPORTS, keep_events: bool = False,
              max_events: int = MAX_EVENTS, ucall_ports: frozenset = UCALL_PORTS,
-             on_report: Callable[[Any, Any], Any] | None = None) -> Outcome:
+             on_report: Callable[[Any, Any], Any] | None = None,
+             wrap_run: Callable[[Any], Callable[[], Exit]] | None = None) -> Outcome:
     """Run `vcpu` until its guest or `control` ends the run; returns how it ended.
 
     Reports (and, with `keep_events`, every ucall event) go to `result`, console bytes to
@@ -313,11 +314,13 @@ def run_vcpu(vcpu: Any, control: RunControl, result: RunResult, *,
     (KeyboardInterrupt, SystemExit) also stops the rest of the run and is in `error` too: the
     caller re-raises it once every vCPU has stopped. `ucall_ports=frozenset()` turns the
     guest port protocol off (every port I/O exit goes to `io`). `on_report(report, vcpu)` sees
-    each report as it comes (the registers are captured); it may return a stop too."""
+    each report as it comes (the registers are captured); it may return a stop too.
+    `wrap_run(vcpu.run)` replaces vcpu.run if given (Machine's coalesced-ring drain)."""
     handlers = handlers if handlers is not None else {}
     io = io if io is not None else _through_handlers(IoExit, handlers, default, vcpu)
     mmio = mmio if mmio is not None else _through_handlers(MmioExit, handlers, default, vcpu)
-    run = vcpu.run if max_exits is None else _budget(vcpu.run, max_exits)
+    run = vcpu.run if wrap_run is None else wrap_run(vcpu.run)
+    run = run if max_exits is None else _budget(run, max_exits)
     # The two hot exits are counted in locals and folded into `counts` when the loop ends
     # (their keys are still created at their first occurrence, in exit order).
     n_io = n_mmio = 0

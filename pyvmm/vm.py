@@ -26,6 +26,7 @@ from .memory import (
 from .state.methods import VmStateMethods
 from .vcpu import Vcpu
 from .vm_caps import VmCapsMixin
+from .vm_coalesced import CoalescedMethods
 from .vm_requests import (
     check_gsi,
     fd_of,
@@ -44,7 +45,7 @@ __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 log = logging.getLogger("pyvmm")
 
 
-class Vm(VmCapsMixin, VmStateMethods):
+class Vm(VmCapsMixin, CoalescedMethods, VmStateMethods):
     role = "vm"
 
     def __init__(self, fd: int, config: VmConfig) -> None:
