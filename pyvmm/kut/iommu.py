@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""What `-device intel-iommu` and `-device edu` add to a kvm-unit-tests machine: the VT-d
+register block at 0xfed90000 and the edu PCI device at 00:03.0, whose DMA goes through the
+IOMMU's translation and whose MSIs through its interrupt remapping before KVM delivers them
+(KVM_SIGNAL_MSI). edu's INTx is an IOAPIC-only pin (`EDU_GSI`, one of the PCI pins 16-23),
+written into its interrupt line register as firmware would.
+
+pyvmm keeps KVM's in-kernel IOAPIC (QEMU's `kernel-irqchip=split` moves it to userspace so
+that its messages can go through the IOMMU): an IOAPIC entry written in remappable format
+is read by KVM's IOAPIC as a compatibility one, so INTx through the IOAPIC is not remapped.
+"""
+
+from __future__ import annotations
+
+from ..devices.edu import Edu
+from ..devices.intel_iommu import BASE, SIZE, IntelIommu
+from ..devices.pci import INTERRUPT_LINE
+
+__all__ = ["EDU_DEVFN", "EDU_GSI", "add_devices"]
+
+EDU_SLOT = 3
+EDU_DEVFN = EDU_SLOT << 3
+EDU_GSI = 19
+
+
+def add_devices(pc, names: list[str]) -> dict[str, object]:
+    """Put the devices `names` ("intel-iommu", "edu") on PcPlatform `pc`; {name: device}."""
+    memory, mmio, vm = pc.machine.memory, pc.machine.mmio, pc.vm
+    added: dict[str, object] = {}
+    iommu = None
+    if "intel-iommu" in names:
+        iommu = IntelIommu(memory.read, memory.write)
+        mmio.register(BASE, SIZE, iommu)
+        added["intel-iommu"] = iommu
+    if "edu" in names:
+        sid = EDU_DEVFN          # bus 0
+        if iommu is not None:
+            unit = iommu
+            edu = Edu(dma_read=lambda a, n: unit.dma_read(sid, a, n),
+                      dma_write=lambda a, d: unit.dma_write(sid, a, d),
+                      set_intx=lambda level: vm.irq_line(EDU_GSI, level),
+                      msi=lambda a, d: vm.signal_msi(*unit.remap_msi(sid, a, d)))
+        else:
+            edu = Edu(dma_read=memory.read, dma_write=memory.write,
+                      set_intx=lambda level: vm.irq_line(EDU_GSI, level),
+                      msi=vm.signal_msi)
+        edu.config[INTERRUPT_LINE] = EDU_GSI
+        pc.pci.add(EDU_SLOT, 0, edu)
+        added["edu"] = edu
+    return added
