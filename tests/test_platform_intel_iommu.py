@@ -178,3 +178,37 @@ def test_kut_params_and_edu_through_the_iommu(pc):
     irr = int.from_bytes(vcpu.get_lapic().to_bytes()[0x200 + 0x10 * (0xEE // 32):][:4],
                          "little")
     assert irr >> (0xEE % 32) & 1
+
+
+def _irr(vcpu, vector):
+    raw = vcpu.get_lapic().to_bytes()[0x200 + 0x10 * (vector // 32):][:4]
+    return int.from_bytes(raw, "little") >> (vector % 32) & 1
+
+
+def test_edu_intx_through_a_remappable_ioapic_entry(pc):
+    from pyvmm.state.vm_state import IRQCHIP_IOAPIC
+
+    added = add_devices(pc, ["intel-iommu", "edu"])
+    iommu, dev = added["intel-iommu"], added["edu"]
+    mem, vm, vcpu = pc.machine.memory, pc.vm, pc.machine.vcpus[0]
+    lapic = vcpu.get_lapic()
+    for i, byte in enumerate((0x1FF).to_bytes(4, "little")):
+        lapic.regs[0xF0 + i] = bytes([byte])
+    vcpu.set_lapic(lapic)
+    q(mem, IRT + 2 * 16, *irte(0xE1, sid=EDU_DEVFN))
+    wr(iommu, V.REG_IRTA, IRT | 0x7, 8)
+    for bit in (V.GCMD_SIRTP, V.GCMD_IRE):
+        enable(iommu, bit)
+    ioapic = vm.get_irqchip(IRQCHIP_IOAPIC)
+    # remappable format: handle 2 in bits 63:49, format bit 48; vector field 0x33 (what
+    # KVM's IOAPIC alone would deliver), edge, unmasked
+    ioapic.redirtbl[EDU_GSI] = 0x33 | 1 << 48 | 2 << 49
+    vm.set_irqchip(IRQCHIP_IOAPIC, ioapic)
+    dev.regs.write(E.REG_INTR_RAISE, (1).to_bytes(4, "little"))
+    assert _irr(vcpu, 0xE1) == 1 and _irr(vcpu, 0x33) == 0
+    dev.regs.write(E.REG_INTR_ACK, (1).to_bytes(4, "little"))
+    # a compatibility-format entry goes to KVM's IOAPIC pin as it is
+    ioapic.redirtbl[EDU_GSI] = 0x34
+    vm.set_irqchip(IRQCHIP_IOAPIC, ioapic)
+    dev.regs.write(E.REG_INTR_RAISE, (1).to_bytes(4, "little"))
+    assert _irr(vcpu, 0x34) == 1

@@ -24,7 +24,8 @@ FSTS (primary pending fault).
 3- or 4-level second-level table; `dma_read`/`dma_write` move bytes through it page by page.
 `remap_msi(source_id, address, data)` turns a remappable-format MSI into the message its
 IRTE says (xAPIC destination, physical or logical, fixed/lowest...), checking the entry's
-source id; a compatibility-format MSI passes unchanged.
+source id; a compatibility-format MSI passes unchanged. `remap_ioapic(entry)` does the same
+for an IOAPIC redirection entry written in remappable format.
 """
 
 from __future__ import annotations
@@ -234,9 +235,23 @@ class IntelIommu:
             handle += data & 0xFFFF
         return self.remap_handle(source_id, handle, table)
 
-    def remap_handle(self, source_id: int, handle: int, table: int | None = None
+    @property
+    def remapping_interrupts(self) -> bool:
+        """Interrupt remapping is on (GSTS.IRES)."""
+        return bool(self.gsts & GCMD_IRE)
+
+    def remap_ioapic(self, entry: int) -> tuple[int, int] | None:
+        """The MSI an IOAPIC redirection `entry` in remappable format (bit 48) sends, or
+        None for a compatibility-format entry (or interrupt remapping off). The IOAPIC has
+        no PCI requester id here, so the entry's source-id check is not applied."""
+        if not self.remapping_interrupts or not entry >> 48 & 1:
+            return None
+        return self.remap_handle(None, (entry >> 49 & 0x7FFF) | (entry >> 11 & 1) << 15)
+
+    def remap_handle(self, source_id: int | None, handle: int, table: int | None = None
                      ) -> tuple[int, int]:
-        """The compatibility MSI that interrupt remapping table entry `handle` describes."""
+        """The compatibility MSI that interrupt remapping table entry `handle` describes
+        (`source_id` None: no requester id to check)."""
         if table is None:
             with self._lock:
                 table = self.ir_table
@@ -249,7 +264,7 @@ class IntelIommu:
         if low >> 15 & 1:
             raise self._fault(f"interrupt remapping entry {handle}: posted format")
         svt, sid = high >> 18 & 0x3, high & 0xFFFF
-        if svt == 1 and sid != source_id:          # full requester-id check (SQ 0 only)
+        if svt == 1 and source_id is not None and sid != source_id:          # full requester-id check (SQ 0 only)
             raise self._fault(f"interrupt remapping entry {handle} belongs to source "
                               f"{sid:#06x}, not {source_id:#06x}")
         vector, delivery = low >> 16 & 0xFF, low >> 5 & 0x7

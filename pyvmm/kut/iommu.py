@@ -6,8 +6,12 @@ IOMMU's translation and whose MSIs through its interrupt remapping before KVM de
 written into its interrupt line register as firmware would.
 
 pyvmm keeps KVM's in-kernel IOAPIC (QEMU's `kernel-irqchip=split` moves it to userspace so
-that its messages can go through the IOMMU): an IOAPIC entry written in remappable format
-is read by KVM's IOAPIC as a compatibility one, so INTx through the IOAPIC is not remapped.
+that its messages can go through the IOMMU; KVM's own IOAPIC would read an entry written in
+remappable format as a compatibility one). So while interrupt remapping is on, a rising
+edu INTx reads its pin's redirection entry back from KVM (KVM_GET_IRQCHIP): an unmasked
+edge-triggered entry in remappable format becomes the MSI its IRTE says, sent by
+KVM_SIGNAL_MSI in place of the IOAPIC's own message; any other entry (compatibility
+format, level-triggered: KVM keeps its remote-IRR/EOI state) goes to the IOAPIC pin.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 from ..devices.edu import Edu
 from ..devices.intel_iommu import BASE, SIZE, IntelIommu
 from ..devices.pci import INTERRUPT_LINE
+from ..state.vm_state import IRQCHIP_IOAPIC
 
 __all__ = ["EDU_DEVFN", "EDU_GSI", "add_devices"]
 
@@ -38,7 +43,7 @@ def add_devices(pc, names: list[str]) -> dict[str, object]:
             unit = iommu
             edu = Edu(dma_read=lambda a, n: unit.dma_read(sid, a, n),
                       dma_write=lambda a, d: unit.dma_write(sid, a, d),
-                      set_intx=lambda level: vm.irq_line(EDU_GSI, level),
+                      set_intx=lambda level: _intx(vm, unit, level),
                       msi=lambda a, d: vm.signal_msi(*unit.remap_msi(sid, a, d)))
         else:
             edu = Edu(dma_read=memory.read, dma_write=memory.write,
@@ -48,3 +53,15 @@ def add_devices(pc, names: list[str]) -> dict[str, object]:
         pc.pci.add(EDU_SLOT, 0, edu)
         added["edu"] = edu
     return added
+
+
+_EDGE_MASK = 1 << 15 | 1 << 16     # redirection entry: trigger mode (level), mask
+
+
+def _intx(vm, iommu: IntelIommu, level: bool) -> None:
+    if level and iommu.remapping_interrupts:
+        entry = vm.get_irqchip(IRQCHIP_IOAPIC).redirtbl[EDU_GSI]
+        if entry >> 48 & 1 and not entry & _EDGE_MASK:
+            vm.signal_msi(*iommu.remap_ioapic(entry))
+            return
+    vm.irq_line(EDU_GSI, level)
