@@ -61,7 +61,8 @@ _EDGE_MASK = 1 << 15 | 1 << 16     # redirection entry: trigger mode (level), ma
 def _intx(vm, iommu: IntelIommu, level: bool) -> None:
     if level and iommu.remapping_interrupts:
         entry = vm.get_irqchip(IRQCHIP_IOAPIC).redirtbl[EDU_GSI]
-        if entry >> 48 & 1 and not entry & _EDGE_MASK:
-            vm.signal_msi(*iommu.remap_ioapic(entry))
+        message = None if entry & _EDGE_MASK else iommu.remap_ioapic(entry)
+        if message is not None:
+            vm.signal_msi(*message)
             return
     vm.irq_line(EDU_GSI, level)
