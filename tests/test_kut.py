@@ -90,8 +90,11 @@ def test_machine_params_and_what_pyvmm_cannot_honour():
     p = machine_params("-cpu max,+vmx -m 2048 -machine pit=off")
     assert (p.cpu, p.memory_size, p.pit, p.unsupported) == ("max,+vmx", 2048 << 20, False, [])
     p = machine_params("-M q35,kernel-irqchip=split -device edu -overcommit cpu-pm=on")
-    assert p.unsupported == ["-machine q35", "-machine kernel-irqchip=split", "-device edu",
-                             "-overcommit cpu-pm=on"]
+    assert p.unsupported == ["-machine q35", "-machine kernel-irqchip=split",
+                             "-overcommit cpu-pm=on"]     # q35 only as an intel-iommu's frame
+    assert p.devices == ["edu"]
+    p = machine_params("-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off")
+    assert (p.devices, p.unsupported, len(p.notes)) == (["intel-iommu"], [], 2)
     assert machine_params("-m 4g").memory_size == 4 << 30
     spec = parse_cpu("qemu64,+x2apic,-pcid,vendor=GenuineIntel,hv_passthrough")
     assert (spec.set, spec.clear, spec.vendor) == (["x2apic"], ["pcid"], "GenuineIntel")

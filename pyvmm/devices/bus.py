@@ -163,6 +163,20 @@ class Bus:
                     return
                 self.write(port, data.tobytes())
             else:
+                # read()'s indexed step inlined too: an IN is the other hot PIO exit (the
+                # guest waits for its answer); an unclaimed port or a bisect goes to read()
+                mapping = self._index.get(port)
+                if mapping is not None and port + size <= mapping.end:
+                    try:
+                        value = mapping.device.read(port - mapping.base, size)
+                    except GuestError as err:
+                        self._guest_error(err)
+                        value = b"\xff" * size
+                    if len(value) != size:
+                        raise ValueError(f"{type(mapping.device).__name__}.read returned "
+                                         f"{len(value)} bytes for a {size}-byte access")
+                    data[:] = value
+                    return
                 data[:] = self.read(port, size)
             return
         end = len(data) - len(data) % size  # whole elements only, whatever kvm_run claimed

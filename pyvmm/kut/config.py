@@ -159,6 +159,7 @@ class MachineParams:
     memory_size: int | None = None
     pit: bool = True
     cpu: str = ""
+    devices: list[str] = field(default_factory=list)
     unsupported: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -176,6 +177,7 @@ def machine_params(extra_params: str) -> MachineParams:
     """Translate a test's QEMU parameters (`-cpu`, `-m`, `-machine pit=off`, ...) to what a
     pyvmm PC platform does; the rest goes to `unsupported`."""
     params = MachineParams()
+    q35: list[str] = []   # honoured only as the frame of an intel-iommu (see below)
     words = shlex.split(extra_params)
     i = 0
     while i < len(words):
@@ -195,8 +197,12 @@ def machine_params(extra_params: str) -> MachineParams:
                     params.pit = False
                 elif option in ("accel=kvm", "pc", "pit=on"):
                     pass
+                elif option in ("q35", "kernel-irqchip=split"):
+                    q35.append(f"-machine {option}")
                 else:
                     params.unsupported.append(f"-machine {option}")
+        elif word == "-device" and _device(value, params):
+            pass
         elif word.startswith("-"):
             params.unsupported.append(f"{word} {value}".strip())
         else:
@@ -204,4 +210,22 @@ def machine_params(extra_params: str) -> MachineParams:
             i += 1
             continue
         i += 2
+    # q35 with a split irqchip is what QEMU needs for its intel-iommu; pyvmm adds the IOMMU
+    # to its PC and keeps KVM's irqchip (pyvmm.kut.iommu says what that leaves out).
+    if "intel-iommu" in params.devices:
+        params.notes += [f"{option}: pyvmm's PC with the in-kernel irqchip" for option in q35]
+    else:
+        params.unsupported[:0] = q35
     return params
+
+
+#: -device NAME[,options] pyvmm adds (pyvmm.kut.iommu), and the options it honours.
+DEVICES = {"edu": frozenset(), "intel-iommu": frozenset({"intremap=on", "eim=off"})}
+
+
+def _device(value: str, params: MachineParams) -> bool:
+    name, *options = value.split(",")
+    if name not in DEVICES or not set(options) <= DEVICES[name]:
+        return False
+    params.devices.append(name)
+    return True

@@ -200,10 +200,15 @@ def run_pyvmm(kut_dir: str | os.PathLike, test: KutTest, *, timeout: float | Non
             assert kvm is not None  # an open machine has its Kvm
             table, outcome.notes = apply_cpu(kvm.supported_cpuid(), spec,
                                              emulated=kernel_emulated(kvm))
+            outcome.notes += params.notes
             for vcpu in machine.vcpus:
                 vcpu.set_cpuid(_per_vcpu_cpuid(table, vcpu.id))
             if console is not None:
                 machine.console_sink = lambda data: console(data.decode("utf-8", "replace"))
+            if params.devices:
+                from .iommu import add_devices
+
+                add_devices(pc, params.devices)
             if platform_hook is not None:
                 platform_hook(pc)
             machine.load_multiboot(kernel, cmdline=_guest_cmdline(test),
