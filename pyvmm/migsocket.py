@@ -119,6 +119,7 @@ def send(source: Machine, sock: socket.socket, *, max_rounds: int = 30,
                 restore_logging=True)
     except MigrationError as err:
         _give_up(sock, str(err))
+        err.source_result = result.source_result
         raise
     except BaseException as err:
         _give_up(sock, f"the source failed: {err!r}")
