@@ -2,7 +2,7 @@
 """The target process of a migration: `python -m pyvmm.migrate_target FD` receives a machine
 over the connected stream socket FD (inherited from the source's process), runs it to the end
 and prints one JSON line: {"stop", "status", "reports": [[tag, value64, rcx], ...],
-"console", "rounds", "bytes", "seconds"}; or {"error": why} and exit status 1."""
+"console", "rounds", "bytes", "seconds" (receiving), "run_seconds"}; or {"error": why} and exit status 1."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import argparse
 import json
 import socket
 import sys
+import time
 
 from .migwire import MigrationError
 
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": str(err)}), flush=True)
             return 1
     with incoming.machine as machine:
+        start = time.perf_counter()
         done = machine.run(timeout=args.run_timeout)
+        ran = time.perf_counter() - start
     print(json.dumps({"stop": str(done.stop), "status": done.status,
                       "reports": [[r.tag, r.value64, r.rcx] for r in done.reports],
                       "console": done.console, "rounds": incoming.rounds,
-                      "bytes": incoming.bytes_received, "seconds": incoming.seconds}),
+                      "bytes": incoming.bytes_received, "seconds": incoming.seconds,
+                      "run_seconds": ran}),
           flush=True)
     return 0
 

@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import migwire as w
 from . import snapshot
@@ -65,7 +65,7 @@ class _SocketSink:
         # The target's memory is zero already: pages that are zero here are left out.
         total = 0
         for region, view in zip(regions, views, strict=True):
-            pages = []
+            pages: list[int] = []
             for start in range(0, len(view) // PAGE, ZERO_UNIT):
                 end = min(start + ZERO_UNIT, len(view) // PAGE)
                 if view[start * PAGE:end * PAGE].tobytes() != _ZERO[:(end - start) * PAGE]:
@@ -217,7 +217,9 @@ def receive(sock: socket.socket, factory: Callable[..., Machine] | None = None, 
     for. MigrationError (MigrationStreamError for a bad stream) if the peer gave up or died
     or the stream was not valid; nothing is left open then, and the peer is told why."""
     if factory is None:
-        from .machine import Machine as factory  # noqa: N813
+        from .machine import Machine
+
+        factory = Machine
     sock.settimeout(timeout)
     started = time.perf_counter()
     target: Machine | None = None
@@ -229,7 +231,8 @@ def receive(sock: socket.socket, factory: Callable[..., Machine] | None = None, 
         description = w.read_json(sock, length, "layout")
         _regions(description, max_memory)
         try:
-            target = snapshot.build(description, factory, kvm=kvm)
+            target = snapshot.build(description, cast("Callable[..., Machine]", factory),
+                                    kvm=kvm)
         except (ValueError, TypeError) as err:
             raise MigrationStreamError(f"the layout cannot be built: {err}") from None
         w.send_frame(sock, w.READY)

@@ -55,7 +55,11 @@ PAGES_HEADER = _PAGES.size
 
 class MigrationError(Exception):
     """A migration did not happen: the peer refused or vanished, or the stream was bad. A
-    source that raises it is intact (paused): run() it again to continue the guest."""
+    source that raises it is intact (paused): run() it again to continue the guest.
+    `source_result` is what the source's run saw until it was stopped (None if it never
+    ran)."""
+
+    source_result: Any = None
 
 
 class MigrationStreamError(MigrationError, ValueError):
