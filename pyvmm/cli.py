@@ -150,7 +150,8 @@ def cmd_migrate_demo(args: argparse.Namespace) -> int:
 
     try:
         return main(memory_mb=args.memory, pages=args.pages, steps=args.steps,
-                    spins=tuple(args.spin or (400, 50)), threshold=args.threshold)
+                    spins=tuple(args.spin or (400, 50)), threshold=args.threshold,
+                    processes=args.processes)
     except ValueError as err:
         print(f"pyvmm migrate-demo: {err}", file=sys.stderr)
         return 2
@@ -262,6 +263,8 @@ def _main(argv: list[str], debug: bool) -> int:
                    help="spins between two writes, one migration each (default 400 and 50)")
     p.add_argument("--threshold", type=int, default=64,
                    help="pre-copy ends when a round sends at most this many pages")
+    p.add_argument("--processes", action="store_true",
+                   help="migrate to another process over a socket pair")
     p.set_defaults(func=cmd_migrate_demo)
 
     p = sub.add_parser("kut", help="run kvm-unit-tests under pyvmm (--qemu: and QEMU+KVM)")

@@ -13,6 +13,7 @@ from ._ffi import ffi
 from .caps import Cap
 from .cpuid import CpuidEntry, cpuid_from_c, cpuid_to_c, cpuid_vendor, grow_buffer, grow_cpuid
 from .errors import ClosedError, KvmError, KvmUnavailable, permission_advice
+from .state.host import VcpuHost, ask
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -44,6 +45,7 @@ class VmConfig:
     max_vcpu_id: int
     supported_cpuid_buffer: Callable[[], Any]   # the struct KVM_SET_CPUID2 takes, built once
     cpu_vendor: Callable[[], str]               # "AuthenticAMD", "GenuineIntel", ...
+    vcpu_host: VcpuHost = VcpuHost()            # the caps and MSR list a vCPU is given
 
 
 class Kvm:
@@ -74,6 +76,7 @@ class Kvm:
         self._vendor: str | None = None
         self._supported_cpuid: list[CpuidEntry] | None = None
         self._supported_cpuid_c = None
+        self._vcpu_host: VcpuHost | None = None
 
     def fileno(self) -> int:
         if self._fd < 0:
@@ -141,22 +144,43 @@ class Kvm:
     def emulated_cpuid(self) -> list[CpuidEntry]:
         return self._cpuid(io.KVM_GET_EMULATED_CPUID)
 
+    def _msr_list(self, request: int) -> list[int]:
+        buf = grow_buffer(lambda n: ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n}),
+                          lambda b: self.ioctl(request, b), 256, 65536)
+        return [buf.indices[i] for i in range(buf.nmsrs)]
+
     def msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
-        buf = grow_buffer(lambda n: ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n}),
-                          lambda b: self.ioctl(io.KVM_GET_MSR_INDEX_LIST, b), 256, 65536)
-        return [buf.indices[i] for i in range(buf.nmsrs)]
+        return self._msr_list(io.KVM_GET_MSR_INDEX_LIST)
+
+    def feature_msr_indices(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (capabilities userspace may set
+        per vCPU, e.g. IA32_ARCH_CAPABILITIES); empty where the host has no such list."""
+        try:
+            return self._msr_list(io.KVM_GET_MSR_FEATURE_INDEX_LIST)
+        except KvmError as err:
+            if err.errno in (errno.EINVAL, errno.ENOTTY):
+                return []
+            raise
+
+    def vcpu_host(self) -> VcpuHost:
+        """What every vCPU is given about this host (the capabilities its state code checks,
+        the MSRs its state holds), asked once per handle."""
+        if self._vcpu_host is None:
+            self._vcpu_host = ask(self.check_extension,
+                                  lambda: (self.msr_index_list(), self.feature_msr_indices()))
+        return self._vcpu_host
 
     def create_vm(self, vm_type: int = 0) -> Vm:
         """KVM_CREATE_VM. The Vm gets what its vCPUs need from this handle now (the kvm_run
         size, the vCPU id limit, CPUID providers); it never calls back here."""
         from .vm import Vm
 
-        mmap_size, max_id = self.vcpu_mmap_size, self.max_vcpu_id
+        mmap_size, max_id, host = self.vcpu_mmap_size, self.max_vcpu_id, self.vcpu_host()
         fd = self.ioctl(io.KVM_CREATE_VM, vm_type)
         try:
             return Vm(fd, VmConfig(mmap_size, max_id, self.supported_cpuid_buffer,
-                                   lambda: self.cpu_vendor))
+                                   lambda: self.cpu_vendor, host))
         except BaseException:
             os.close(fd)
             raise

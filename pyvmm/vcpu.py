@@ -24,6 +24,7 @@ from .runext import run_exit as _run_exit
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .kick import thread_state as _tls
 from .guestdebug import GuestDebugMixin
+from .state.host import VcpuHost
 from .state.vcpu_methods import VcpuStateMethods
 from .vcpu_state import VcpuStateMixin
 
@@ -46,16 +47,19 @@ _kvm_run = ffi.cast("int (*)(int, unsigned long, unsigned long)", ffi.addressof(
 
 class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
     """One vCPU. Made by `Vm.create_vcpu()`, which gives it what it needs: the kvm_run size,
-    a provider of the supported-CPUID buffer, the vendor, whether SMM exists, and a callback
-    for when it closes. It holds no reference back to its VM."""
+    a provider of the supported-CPUID buffer, the vendor, whether SMM exists, the host facts
+    its state code needs (`host`: capabilities, MSR list), and a callback for when it closes.
+    It holds no reference back to its VM."""
 
     role = "vcpu"
 
     def __init__(self, fd: int, vcpu_id: int, mmap_size: int, *,
                  supported_cpuid_buffer: Callable[[], object],
                  cpu_vendor: Callable[[], str] = lambda: "", has_smm: bool = False,
-                 on_close: Callable[[Vcpu], None] | None = None) -> None:
+                 on_close: Callable[[Vcpu], None] | None = None,
+                 host: VcpuHost | None = None) -> None:
         self.id = vcpu_id
+        self.host = host if host is not None else VcpuHost()  # caps and MSRs it is given
         self._fd = fd
         self._pid = os.getpid()  # KVM fds work only in the process that created the VM
         self.supported_cpuid_buffer = supported_cpuid_buffer

@@ -209,6 +209,7 @@ class Vm(VmCapsMixin, CoalescedMethods, VmStateMethods):
                             supported_cpuid_buffer=self.config.supported_cpuid_buffer,
                             cpu_vendor=self.config.cpu_vendor,
                             has_smm=self.check_extension(Cap.X86_SMM) > 0,
+                            host=self.config.vcpu_host,
                             on_close=self._forget_vcpu)
             except BaseException:
                 os.close(fd)

@@ -15,7 +15,6 @@ from pyvmm import Cap, KvmError, MissingCapability, exits, guests
 from pyvmm.guests import ucall
 from pyvmm.testing.hostinfo import kvm_module
 from pyvmm.state import DebugRegs, VcpuState, Xsave
-from pyvmm.state.host import feature_msr_indices
 
 MASK64 = (1 << 64) - 1
 
@@ -217,7 +216,7 @@ def test_vcpu_state_is_complete_and_picklable(vm, kvm):
     assert state.cpuid and state.tsc_khz
     # The MSRs of the save list this vCPU can read, IA32_TSC among them.
     assert 0x10 in state.msrs
-    assert set(state.msrs) <= set(kvm.msr_index_list()) | set(feature_msr_indices())
+    assert set(state.msrs) <= set(kvm.msr_index_list()) | set(kvm.feature_msr_indices())
     again = pickle.loads(pickle.dumps(state))
     assert again == state and again.regs.rip == 0xFFF0
     assert VcpuState.decode(state.encode()) == state

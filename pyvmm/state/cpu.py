@@ -15,7 +15,6 @@ from .. import ioctls as io
 from .._ffi import ffi
 from ..caps import Cap
 from ..errors import KvmError, MissingCapability
-from . import host
 from .structs import DebugRegs, Xcrs, Xsave
 
 if TYPE_CHECKING:
@@ -34,7 +33,7 @@ def _ioctl(vcpu: Vcpu, request: int, arg: object = 0, detail: str | None = None)
 
 
 def _need(vcpu: Vcpu, cap: Cap, ioctl: str, why: str) -> int:
-    value = host.check_extension(cap)
+    value = vcpu.host.check_extension(cap)
     if not value:
         raise MissingCapability(cap, ioctl, vcpu.role, why)
     return value
@@ -45,14 +44,14 @@ def _need(vcpu: Vcpu, cap: Cap, ioctl: str, why: str) -> int:
 def xsave_size(vcpu: Vcpu) -> int:
     """Bytes of this vCPU's XSAVE area: KVM_CAP_XSAVE2's size (it grows with the features the
     process has been permitted, e.g. AMX), at least 4096."""
-    return max(host.check_extension(Cap.XSAVE2), XSAVE_LEGACY_SIZE)
+    return max(vcpu.host.check_extension(Cap.XSAVE2), XSAVE_LEGACY_SIZE)
 
 
 def get_xsave(vcpu: Vcpu, *, xsave2: bool | None = None) -> Xsave:
     """KVM_GET_XSAVE2 (every state component, however large) where KVM_CAP_XSAVE2 is offered,
     else KVM_GET_XSAVE (the first 4096 bytes). `xsave2=False` asks for the old ioctl."""
     if xsave2 is None:
-        xsave2 = bool(host.check_extension(Cap.XSAVE2))
+        xsave2 = bool(vcpu.host.check_extension(Cap.XSAVE2))
     if xsave2:
         _need(vcpu, Cap.XSAVE2, "KVM_GET_XSAVE2", "this host has only KVM_GET_XSAVE")
         size = xsave_size(vcpu)
@@ -126,7 +125,7 @@ def set_tsc_khz(vcpu: Vcpu, khz: int) -> None:
     (KVM_CAP_TSC_CONTROL); a host without it accepts only its own frequency."""
     if not isinstance(khz, int) or not 0 < khz < 1 << 32:
         raise ValueError(f"TSC frequency {khz!r} kHz is outside 1..2**32-1")
-    if not host.check_extension(Cap.TSC_CONTROL):
+    if not vcpu.host.check_extension(Cap.TSC_CONTROL):
         if khz == get_tsc_khz(vcpu):
             return  # nothing to scale: what a host without TSC scaling also accepts
         raise MissingCapability(Cap.TSC_CONTROL, "KVM_SET_TSC_KHZ", vcpu.role,
@@ -146,7 +145,7 @@ def kvmclock_ctrl(vcpu: Vcpu) -> None:
 
 def nested_state_size(vcpu: Vcpu) -> int:
     """KVM_CAP_NESTED_STATE: the largest nested state in bytes; 0 where there is none."""
-    return host.check_extension(Cap.NESTED_STATE)
+    return vcpu.host.check_extension(Cap.NESTED_STATE)
 
 
 def get_nested_state(vcpu: Vcpu) -> bytes:

@@ -1,72 +1,48 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""What the vCPU-side state functions need to know about this host's KVM: capabilities and
-the MSR lists. A `Vcpu` holds no reference to its VM or to a `Kvm`, so these are asked of a
-system fd of this module's own (/dev/kvm, or $PYVMM_KVM_DEVICE, opened on first use and kept
-for the process; answers cached). For the capabilities used here (XSAVE2, XCRS, DEBUGREGS,
-TSC, KVMCLOCK_CTRL, NESTED_STATE, SYNC_REGS) x86 KVM answers the system fd as it answers a
-default VM's fd."""
+"""What the vCPU-side state functions need to know about their host's KVM: the capabilities
+they check and the MSRs a vCPU's state holds. A `Vcpu` holds no reference to its VM or to a
+`Kvm`, so these facts are handed to it at creation, as a `VcpuHost` (`Kvm.create_vm()` asks
+them once per Kvm handle and puts them in the VmConfig; `Vm.create_vcpu()` passes them on).
+For the capabilities listed here (XSAVE, XSAVE2, XCRS, DEBUGREGS, TSC, KVMCLOCK_CTRL,
+NESTED_STATE, SYNC_REGS) x86 KVM answers the system fd as it answers a default VM's fd."""
 
 from __future__ import annotations
 
-import errno
-import os
-import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from .. import ioctls as io
-from .._ffi import ffi
-from ..errors import KvmError
+from ..caps import Cap
 
-__all__ = ["check_extension", "feature_msr_indices", "msr_index_list"]
+__all__ = ["VCPU_CAPS", "VcpuHost", "ask"]
 
-_lock = threading.Lock()
-_fd = -1
-_caps: dict[int, int] = {}
-_lists: dict[int, list[int]] = {}
+#: The capabilities the vCPU-side state code decides on.
+VCPU_CAPS = (Cap.XSAVE, Cap.XSAVE2, Cap.XCRS, Cap.GET_TSC_KHZ, Cap.TSC_CONTROL,
+             Cap.KVMCLOCK_CTRL, Cap.NESTED_STATE, Cap.SYNC_REGS)
 
 
-def _system() -> int:
-    global _fd
-    with _lock:
-        if _fd < 0:
-            _fd = os.open(os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"),
-                          os.O_RDWR | os.O_CLOEXEC)
-        return _fd
+@dataclass(frozen=True)
+class VcpuHost:
+    """The host facts a vCPU is created with: KVM_CHECK_EXTENSION's answers for VCPU_CAPS,
+    and the MSRs of KVM_GET_MSR_INDEX_LIST followed by those of
+    KVM_GET_MSR_FEATURE_INDEX_LIST (without repeats)."""
+
+    caps: Mapping[int, int] = field(default_factory=dict)
+    msr_indices: tuple[int, ...] = ()
+
+    def check_extension(self, cap: int) -> int:
+        """The capability's value as the host answered it (0 = absent). ValueError for a
+        capability that is not one of VCPU_CAPS (it was never asked)."""
+        try:
+            return self.caps[int(cap)]
+        except KeyError:
+            raise ValueError(f"capability {cap!r} is not one a vCPU is given; ask the Vm "
+                             "or Kvm handle") from None
 
 
-def check_extension(cap: int) -> int:
-    """KVM_CHECK_EXTENSION on the system fd, cached."""
-    cap = int(cap)
-    if cap not in _caps:
-        _caps[cap] = io.ioctl(_system(), io.KVM_CHECK_EXTENSION, cap, "system")
-    return _caps[cap]
-
-
-def _msr_list(request: int) -> list[int]:
-    if request not in _lists:
-        n = 64
-        while True:
-            buf = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
-            try:
-                io.ioctl(_system(), request, buf, "system")
-            except KvmError as err:
-                if err.errno == errno.E2BIG and n < 65536:
-                    n *= 4
-                    continue
-                if err.errno in (errno.EINVAL, errno.ENOTTY):  # a list this host lacks
-                    _lists[request] = []
-                    break
-                raise
-            _lists[request] = [buf.indices[i] for i in range(buf.nmsrs)]
-            break
-    return list(_lists[request])
-
-
-def msr_index_list() -> list[int]:
-    """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for every vCPU."""
-    return _msr_list(io.KVM_GET_MSR_INDEX_LIST)
-
-
-def feature_msr_indices() -> list[int]:
-    """KVM_GET_MSR_FEATURE_INDEX_LIST: the feature MSRs (capabilities userspace may set per
-    vCPU, e.g. IA32_ARCH_CAPABILITIES); empty where the host has no such list."""
-    return _msr_list(io.KVM_GET_MSR_FEATURE_INDEX_LIST)
+def ask(check_extension: Callable[[int], int], msr_lists: Callable[[], tuple[list[int],
+        list[int]]]) -> VcpuHost:
+    """A VcpuHost from a handle's check_extension and a provider of (the MSR save list, the
+    feature MSR list)."""
+    saved, features = msr_lists()
+    return VcpuHost(caps={int(c): check_extension(c) for c in VCPU_CAPS},
+                    msr_indices=tuple(dict.fromkeys(list(saved) + list(features))))

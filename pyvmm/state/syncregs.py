@@ -15,7 +15,6 @@ from .._ffi import ffi
 from ..caps import Cap
 from ..errors import MissingCapability
 from ..structs import Regs, Sregs, VcpuEvents
-from . import host
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
@@ -46,7 +45,7 @@ def _run(vcpu: Vcpu):
 def _check_mask(vcpu: Vcpu, mask: int) -> None:
     if not isinstance(mask, int) or mask < 0:
         raise ValueError(f"sync_regs mask {mask!r} must be an int >= 0")
-    offered = host.check_extension(Cap.SYNC_REGS)
+    offered = vcpu.host.check_extension(Cap.SYNC_REGS)
     if mask & ~offered:
         if not offered:
             raise MissingCapability(Cap.SYNC_REGS, "KVM_RUN", vcpu.role,

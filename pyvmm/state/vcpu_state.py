@@ -25,7 +25,7 @@ from ..caps import Cap
 from ..errors import KvmError
 from ..cpuid import CpuidEntry
 from ..structs import Fpu, LapicState, Regs, Sregs, VcpuEvents
-from . import cpu, host
+from . import cpu
 from .structs import DebugRegs, Xcrs, Xsave, from_bytes
 
 if TYPE_CHECKING:
@@ -179,18 +179,18 @@ def save_vcpu_state(vcpu: Vcpu, *, complete_io: bool = True) -> VcpuState:
     events = vcpu.get_events()
     regs = vcpu.get_regs()
     xsave = fpu = None
-    if host.check_extension(Cap.XSAVE):
+    if vcpu.host.check_extension(Cap.XSAVE):
         xsave = cpu.get_xsave(vcpu)
     else:
         fpu = vcpu.get_fpu()
-    xcrs = cpu.get_xcrs(vcpu) if host.check_extension(Cap.XCRS) else None
+    xcrs = cpu.get_xcrs(vcpu) if vcpu.host.check_extension(Cap.XCRS) else None
     sregs = vcpu.get_sregs()
     nested = cpu.get_nested_state(vcpu) if cpu.nested_state_size(vcpu) else None
-    indices = list(dict.fromkeys(host.msr_index_list() + host.feature_msr_indices()))
+    indices = list(vcpu.host.msr_indices)
     msrs = read_msrs(vcpu, indices)
     debugregs = cpu.get_debugregs(vcpu)
     lapic = vcpu.get_lapic() if cpu.lapic_in_kernel(vcpu) else None
-    tsc_khz = cpu.get_tsc_khz(vcpu) if host.check_extension(Cap.GET_TSC_KHZ) else None
+    tsc_khz = cpu.get_tsc_khz(vcpu) if vcpu.host.check_extension(Cap.GET_TSC_KHZ) else None
     return VcpuState(vcpu_id=vcpu.id, regs=regs, sregs=sregs, events=events,
                      mp_state=mp_state, msrs=msrs, debugregs=debugregs,
                      cpuid=vcpu.get_cpuid(), xsave=xsave, fpu=fpu, xcrs=xcrs, lapic=lapic,
@@ -224,7 +224,7 @@ def load_vcpu_state(vcpu: Vcpu, state: VcpuState) -> None:
                          "create_irqchip() before creating the vCPU")
     if state.cpuid:
         vcpu.set_cpuid(state.cpuid)
-    if state.tsc_khz is not None and host.check_extension(Cap.GET_TSC_KHZ):
+    if state.tsc_khz is not None and vcpu.host.check_extension(Cap.GET_TSC_KHZ):
         cpu.set_tsc_khz(vcpu, state.tsc_khz)
     vcpu.set_sregs(_tr_for_host(vcpu, state.sregs))
     msrs = dict(state.msrs)
