@@ -110,14 +110,10 @@ def ram_layout(memory_size: int) -> list[tuple[int, int]]:
 
 def memory_map(memory_size: int) -> list[MemoryRange]:
     """The guest's memory map for `memory_size` bytes of RAM (sorted, non-overlapping)."""
-    pieces = ram_layout(memory_size)
-    low = pieces[0][1]
-    ranges = [MemoryRange(0, CONVENTIONAL_END, MemoryType.USABLE),
-              MemoryRange(CONVENTIONAL_END, BIOS_AREA_END - CONVENTIONAL_END,
-                          MemoryType.RESERVED),
-              MemoryRange(BIOS_AREA_END, low - BIOS_AREA_END, MemoryType.USABLE)]
-    ranges += [MemoryRange(base, size, MemoryType.USABLE) for base, size in pieces[1:]]
-    return ranges
+    from .loaders.memory_map import build_memory_map
+
+    return [MemoryRange(base, length, MemoryType(kind))
+            for base, length, kind in build_memory_map(ram_layout(memory_size))]
 
 
 def _accepts_status(stop) -> bool:

@@ -5,9 +5,9 @@
 >>> result = guests.run("hello")
 >>> print(result)               # console text and an exit summary
 
-Pieces: :mod:`.toolchain` (header syntax, as/ld/objcopy, cache), :mod:`.layout` (guest memory
-layout and system structures), :mod:`.modes` (vCPU state per mode), :mod:`.ucall` (the port
-protocol), :mod:`.runner` (a one-vCPU exit loop).
+Pieces: :mod:`.header` (header syntax), :mod:`.toolchain` (as/ld/objcopy, cache),
+:mod:`.layout` (guest memory layout and system structures), :mod:`.modes` (vCPU state per
+mode), :mod:`.ucall` (the port protocol), :mod:`.runner` (a one-vCPU exit loop).
 """
 
 from . import layout, modes, ucall

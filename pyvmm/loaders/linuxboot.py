@@ -9,14 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..cpuid import CpuidEntry, cpuid_from_c
+from . import memory_map as mm
 
-E820_RAM = 1
-E820_RESERVED = 2
-E820_ACPI = 3
+E820_RAM = mm.USABLE
+E820_RESERVED = mm.RESERVED
+E820_ACPI = mm.ACPI
 
 #: The PC hole below 1 MiB (EBDA, VGA, option ROMs, BIOS): reserved, never RAM for Linux.
-LOW_RAM_END = 0x9FC00
-HIGH_RAM_START = 0x100000
+LOW_RAM_END = mm.PC_BIOS_HOLE.base
+HIGH_RAM_START = mm.PC_BIOS_HOLE.end
 #: The 32-bit PCI/MMIO hole starts here; guest RAM above it is not supported by these loaders.
 MMIO_HOLE = 0xC0000000
 
@@ -42,15 +43,12 @@ class MemoryRange:
 
 
 def memory_map(ram_size: int) -> list[MemoryRange]:
-    """The map of a machine with `ram_size` bytes of RAM from address 0."""
+    """The map of a machine with `ram_size` bytes of RAM from address 0 (at least 2 MiB, and
+    ending at or below `MMIO_HOLE`: ValueError otherwise)."""
     if ram_size < 2 * HIGH_RAM_START:
         raise ValueError(f"a Linux guest needs at least 2 MiB of RAM, got {ram_size:#x}")
-    if ram_size > MMIO_HOLE:
-        raise ValueError(f"RAM above {MMIO_HOLE:#x} (the MMIO hole) is not supported, "
-                         f"got {ram_size:#x}")
-    return [MemoryRange(0, LOW_RAM_END, E820_RAM),
-            MemoryRange(LOW_RAM_END, HIGH_RAM_START - LOW_RAM_END, E820_RESERVED),
-            MemoryRange(HIGH_RAM_START, ram_size - HIGH_RAM_START, E820_RAM)]
+    return [MemoryRange(*entry) for entry in
+            mm.build_memory_map([(0, ram_size)], pci_hole=(MMIO_HOLE, 1 << 32))]
 
 
 def descriptor(base: int, limit: int, access: int, flags: int) -> bytes:

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .memory_map import build_memory_map
+
 __all__ = [
     "BOOTLOADER_MAGIC", "HEADER_MAGIC", "MultibootError", "MultibootImage", "MultibootInfo",
     "Segment", "default_memory_map", "load_multiboot", "parse_image",
@@ -185,20 +187,8 @@ def _align(value: int, alignment: int = PAGE) -> int:
 def default_memory_map(regions: Iterable[Any]) -> list[tuple[int, int, int]]:
     """A PC memory map (base, length, type) for RAM regions (objects with `guest_addr` and
     `size`): usable RAM, with 0x9fc00-0xfffff (EBDA and BIOS area) reserved, as firmware
-    reports it."""
-    entries: list[tuple[int, int, int]] = []
-    hole = (0x9FC00, 0x100000)
-    for region in sorted(regions, key=lambda r: r.guest_addr):
-        start, end = region.guest_addr, region.guest_addr + region.size
-        if start < hole[1] and end > hole[0]:
-            if start < hole[0]:
-                entries.append((start, hole[0] - start, 1))
-            entries.append((max(start, hole[0]), min(end, hole[1]) - max(start, hole[0]), 2))
-            if end > hole[1]:
-                entries.append((hole[1], end - hole[1], 1))
-        else:
-            entries.append((start, end - start, 1))
-    return entries
+    reports it (:func:`pyvmm.loaders.memory_map.build_memory_map`)."""
+    return list(build_memory_map([(r.guest_addr, r.size) for r in regions]))
 
 
 def _mem_sizes(memory_map: Sequence[tuple[int, int, int]]) -> tuple[int, int]:
