@@ -284,10 +284,24 @@
 #define KVM_CAP_GUEST_MEMFD 234
 #define KVM_CAP_VM_TYPES 235
 #define KVM_CAP_PRE_FAULT_MEMORY 236
+#define KVM_CAP_GUEST_MEMFD_FLAGS 244
 
 /* Memslot flags. */
 #define KVM_MEM_LOG_DIRTY_PAGES 1
 #define KVM_MEM_READONLY 2
+#define KVM_MEM_GUEST_MEMFD 4
+
+/* KVM_CREATE_GUEST_MEMFD flags (the mask KVM_CAP_GUEST_MEMFD_FLAGS returns). */
+#define GUEST_MEMFD_FLAG_MMAP 1
+#define GUEST_MEMFD_FLAG_INIT_SHARED 2
+
+/* x86 VM types for KVM_CREATE_VM (bit n of KVM_CAP_VM_TYPES = type n is offered). */
+#define KVM_X86_DEFAULT_VM 0
+#define KVM_X86_SW_PROTECTED_VM 1
+#define KVM_X86_SEV_VM 2
+#define KVM_X86_SEV_ES_VM 3
+#define KVM_X86_SNP_VM 4
+#define KVM_X86_TDX_VM 5
 
 /* ioeventfd and irqfd flags. */
 #define KVM_IOEVENTFD_FLAG_DATAMATCH 1

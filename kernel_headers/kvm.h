@@ -111,6 +111,27 @@ struct kvm_userspace_memory_region {
     uint64_t userspace_addr;
 };
 
+/* KVM_SET_USER_MEMORY_REGION2 (KVM_CAP_USER_MEMORY2): the first five fields as above, then a
+   guest_memfd binding (used with KVM_MEM_GUEST_MEMFD) and room for later fields. */
+struct kvm_userspace_memory_region2 {
+    uint32_t slot;
+    uint32_t flags;
+    uint64_t guest_phys_addr;
+    uint64_t memory_size;
+    uint64_t userspace_addr;
+    uint64_t guest_memfd_offset;
+    uint32_t guest_memfd;
+    uint32_t pad1;
+    uint64_t pad2[14];
+};
+
+/* KVM_CREATE_GUEST_MEMFD (KVM_CAP_GUEST_MEMFD): returns a new fd of guest-only memory. */
+struct kvm_create_guest_memfd {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t reserved[6];
+};
+
 struct kvm_ioeventfd {
     uint64_t datamatch;
     uint64_t addr;

@@ -239,3 +239,4 @@ class Cap(IntEnum):
     GUEST_MEMFD = 234
     VM_TYPES = 235
     PRE_FAULT_MEMORY = 236
+    GUEST_MEMFD_FLAGS = 244

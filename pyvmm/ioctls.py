@@ -106,6 +106,11 @@ KVM_SET_NESTED_STATE = _iow(0xBF, "struct kvm_nested_state")
 KVM_GET_XSAVE2 = _ior(0xCF, "struct kvm_xsave")
 KVM_RESET_DIRTY_RINGS = _io(0xC7)   # VM fd
 
+# -- memory (pyvmm.memory_methods, pyvmm.guest_memfd) -----------------------------------
+# VM fd
+KVM_SET_USER_MEMORY_REGION2 = _iow(0x49, "struct kvm_userspace_memory_region2")
+KVM_CREATE_GUEST_MEMFD = _iowr(0xD4, "struct kvm_create_guest_memfd")
+
 #: request number -> name, for error messages.
 NAMES: dict[int, str] = {}
 for _name, _value in list(globals().items()):

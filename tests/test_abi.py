@@ -29,6 +29,9 @@ VERSIONED_FIELDS = {
     # (with KVM_EXIT_HYPERCALL_LONG_MODE). The offsets agree either way.
     "kvm_run.hypercall.flags": "KVM_EXIT_HYPERCALL_LONG_MODE",
     "kvm_run.memory_fault": "KVM_EXIT_MEMORY_FAULT",
+    # Whole structs new in 6.8 (guest_memfd), absent from 6.1's headers.
+    "kvm_userspace_memory_region2": "KVM_SET_USER_MEMORY_REGION2",
+    "kvm_create_guest_memfd": "KVM_CREATE_GUEST_MEMFD",
 }
 
 
@@ -71,7 +74,7 @@ def pyvmm_expectations():
         for sname in names:
             cname = f"{tag} {sname}"
             ctype = ffi.typeof(cname)
-            lines.append(f'SIZE({cname}, "{sname}");')
+            guarded(f'SIZE({cname}, "{sname}")', _guard(sname), "size", sname)
             expected[("size", sname)] = ffi.sizeof(ctype)
             for path, offset, field in _walk(ctype):
                 key = f"{sname}.{path}"
