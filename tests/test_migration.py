@@ -24,7 +24,7 @@ def test_guest_writing_memory_moves_while_it_runs(kvm):
     steps = 3_000_000
     seen = []
     with _dirty_machine(kvm, steps, 50) as source:
-        result = migrate(source, kvm=kvm, threshold_pages=8,
+        result = migrate(source, kvm=kvm, threshold_pages=8, max_rounds=4,
                          on_round=lambda i, n: seen.append((i, n)))
         with result.target as target:
             assert result.source_result.stop == "stopped"     # moved while it ran

@@ -73,14 +73,16 @@ def test_guest_writing_memory_moves_to_another_process(kvm):
     seen = []
     sock, proc = spawn_target()
     with sock, dirty_machine(kvm, steps, 50) as source:
-        result = send(source, sock, threshold_pages=8,
+        # At most 4 rounds: the switch-over comes long before the guest's end, even under load.
+        result = send(source, sock, threshold_pages=8, max_rounds=4,
                       on_round=lambda i, n: seen.append((i, n)))
     got = outcome(proc)
     assert result.target is None and result.source_result.stop == "stopped"
     assert seen == list(enumerate(result.rounds)) and len(result.rounds) >= 2
     assert got["rounds"] == result.rounds                 # the target saw every round
-    # Round 0 left out the zero pages: the buffer and the loaded code, not all 32 MiB.
-    assert PAGES <= result.rounds[0] < (32 << 20) // 4096
+    # Round 0 left out the zero pages: the code and what the guest had written of its buffer
+    # by then (it may not have reached every page yet), not all 32 MiB.
+    assert 0 < result.rounds[0] < (32 << 20) // 4096
     assert result.bytes_sent > result.pages_sent * 4096
     assert 0 < result.downtime <= result.duration
     want = steps * (steps + 1) // 2
@@ -177,7 +179,7 @@ def test_target_failing_after_the_stop_leaves_the_source_intact(kvm):
     thread.start()
     with ours, theirs, dirty_machine(kvm, steps, 50) as source:
         with pytest.raises(MigrationError, match="no doorbells for you") as info:
-            send(source, ours, threshold_pages=64)
+            send(source, ours, threshold_pages=64, max_rounds=3)
         thread.join(30)
         assert isinstance(failed[0], RuntimeError)
         assert info.value.source_result.stop == "stopped"
