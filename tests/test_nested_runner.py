@@ -462,3 +462,19 @@ def test_boot_end_to_end(tmp_path):
     assert (proj / "written inside.txt").read_text() == "1"
     assert (proj / "out" / "passed.json").read_text() == "{}"
     assert 0 < result.boot_s < 120 and result.command_s > 0
+
+
+def test_check_skips_names_tests_no_kvm_here_can_run():
+    # Skipped on both kernels for a capability newer than the nested runner's: run nowhere,
+    # reported, not a failure; the same skip for SMM (which the runner must have) still fails.
+    local = {"skipped": {"t::gmem": ["GUEST_MEMFD"], "t::smm": ["X86_SMM"]}}
+    both = {"passed": [], "skipped": {"t::gmem": "no GUEST_MEMFD", "t::smm": "no SMM"}}
+    ok, lines = nested.check_skips(local, both)
+    assert not ok
+    assert "ran on neither KVM: t::gmem (needs GUEST_MEMFD" in lines[0]
+    assert lines[1].startswith("SKIPPED in the nested run too: t::smm")
+    ok, lines = nested.check_skips({"skipped": {"t::gmem": ["GUEST_MEMFD"]}}, both)
+    assert ok and "1 ran on neither KVM" in lines[-1]
+    # Not run at all in the nested run (deselected): still a failure.
+    ok, _ = nested.check_skips({"skipped": {"t::gmem": ["GUEST_MEMFD"]}}, {"passed": []})
+    assert not ok

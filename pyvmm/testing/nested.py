@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import select
 import shlex
@@ -40,6 +39,7 @@ from . import initramfs as _initramfs
 from . import kernel as _kernel
 from .initramfs import GUEST_CTL
 from .kernel import NestedSetupError
+from .skipcheck import check_skips, load_json  # noqa: F401  (CI's --check-skips)
 from .nested_guest import (  # noqa: F401  (re-exported: the runner's public helpers)
     GuestConsole,
     ENV_NAMES,
@@ -266,42 +266,6 @@ def _result_from_events(console: GuestConsole, t0: float, end: float, timed_out:
         boot_s=boot - t0, setup_s=max(0.0, start - boot), command_s=max(0.0, finish - start),
         total_s=end - t0, kvm_module=kvm_module, caps=caps,
         console="\n".join(console.lines) + "\n", timed_out=timed_out)
-
-
-# --------------------------------------------------------------------------------- skip checking
-
-def load_json(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_skips(local: dict, nested: dict) -> tuple[bool, list[str]]:
-    """Did every test skipped locally for a missing capability run and pass in the nested run?
-
-    ``local`` is what the plugin wrote to $PYVMM_CAP_SKIPS on the host, ``nested`` what it wrote
-    to $PYVMM_PASSED inside the nested runner. Returns (ok, report lines).
-    """
-    skipped: dict[str, list[str]] = local.get("skipped", {})
-    passed = set(nested.get("passed", []))
-    failed = set(nested.get("failed", []))
-    nested_skipped: dict[str, str] = nested.get("skipped", {})
-    lines = []
-    bad = 0
-    for nodeid in sorted(skipped):
-        caps = ",".join(skipped[nodeid])
-        if nodeid in passed:
-            continue
-        bad += 1
-        if nodeid in failed:
-            lines.append(f"FAILED in the nested run: {nodeid} (skipped locally for {caps})")
-        elif nodeid in nested_skipped:
-            lines.append(f"SKIPPED in the nested run too: {nodeid} ({nested_skipped[nodeid]})")
-        else:
-            lines.append(f"NOT RUN in the nested run: {nodeid} (skipped locally for {caps})")
-    where = nested.get("kvm", "the nested run")
-    lines.append(f"pyvmm nested: {len(skipped) - bad} of {len(skipped)} tests skipped locally "
-                 f"for a capability passed on {where}" + ("" if not bad else f"; {bad} did not"))
-    return bad == 0, lines
 
 
 # ------------------------------------------------------------------------------------------- CLI
