@@ -348,13 +348,12 @@ class GuestMemory:
 
     def find(self, gpa: int, address_space: int = 0) -> MemoryRegion | None:
         """The region holding `gpa`, or None."""
-        if self.closed:
-            raise ClosedError("the VM is closed: its memory is gone")
-        space = self._spaces.get(address_space, [])
-        i = bisect.bisect_right(self._starts.get(address_space, []), gpa) - 1
-        if i >= 0 and gpa < space[i].end:
-            return space[i]
-        return None
+        with self._lock:  # a move in another thread changes both lists
+            if self.closed:
+                raise ClosedError("the VM is closed: its memory is gone")
+            space = self._spaces.get(address_space, [])
+            i = bisect.bisect_right(self._starts.get(address_space, []), gpa) - 1
+            return space[i] if i >= 0 and gpa < space[i].end else None
 
     def _pieces(self, gpa: int, length: int, address_space: int):
         if length < 0 or gpa < 0:
