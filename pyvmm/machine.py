@@ -117,6 +117,10 @@ class Machine(LoadMethods, FastPathMethods, CoalescedMachineMethods, SnapshotMet
     def add_memory(self, guest_addr: int, size: int, **kwargs):
         return self.vm.add_memory(guest_addr, size, **kwargs)
 
+    def move_memory(self, region, guest_addr: int):
+        """`Vm.move_memory`: show `region` at `guest_addr` from now on (also while running)."""
+        return self.vm.move_memory(region, guest_addr)
+
     @property
     def console_sink(self) -> Callable[[bytes], None] | None:
         """Called with every console byte as it comes (serial and the ucall console port)."""

@@ -4,6 +4,7 @@ remove guards), and accessors that find the region behind a guest-physical addre
 from __future__ import annotations
 
 import bisect
+import heapq
 import mmap
 import threading
 from collections.abc import Callable
@@ -18,6 +19,22 @@ KVM_MEM_READONLY = 2
 
 #: set_slot(kernel_slot, flags, guest_addr, size, host_addr): KVM_SET_USER_MEMORY_REGION.
 SetSlot = Callable[[int, int, int, int, int], None]
+
+
+def check_range(guest_addr: int, size: int) -> None:
+    """ValueError unless guest_addr+size is a page-aligned range inside the 52-bit
+    guest-physical space."""
+    if guest_addr < 0 or guest_addr % PAGE_SIZE:
+        raise ValueError(f"guest address {guest_addr:#x} is not page-aligned (4 KiB)")
+    if guest_addr + size > 1 << 52:
+        raise ValueError(f"region {guest_addr:#x}+{size:#x} ends beyond the 52-bit "
+                         "guest-physical space")
+
+
+def slot_flags(region: MemoryRegion) -> int:
+    """The KVM_MEM_* flags of a region's memslot."""
+    return ((KVM_MEM_READONLY if region.readonly else 0)
+            | (KVM_MEM_LOG_DIRTY_PAGES if region.log_dirty else 0))
 
 
 class DirtyBitmap(bytes):
@@ -123,9 +140,13 @@ class GuestMemory:
                  slot_limit: Callable[[], int] = lambda: 32,
                  address_spaces: Callable[[], int] = lambda: 1) -> None:
         self._lock = threading.RLock()
-        # address space -> regions sorted by guest_addr
+        # address space -> regions sorted by guest_addr, and their guest_addr (for bisect: a VM
+        # may have KVM_CAP_NR_MEMSLOTS regions, 32764 on some hosts)
         self._spaces: dict[int, list[MemoryRegion]] = {}
-        self._slots_used: dict[int, set[int]] = {}
+        self._starts: dict[int, list[int]] = {}
+        # address space -> slot numbers handed out so far (0..top-1) and the freed ones (a heap)
+        self._slot_top: dict[int, int] = {}
+        self._slots_freed: dict[int, list[int]] = {}
         self._set_slot = set_slot
         self._slot_limit = slot_limit
         self._address_spaces = address_spaces
@@ -138,11 +159,19 @@ class GuestMemory:
             return [r for space in sorted(self._spaces) for r in self._spaces[space]]
         return list(self._spaces.get(address_space, ()))
 
-    def overlapping(self, guest_addr: int, size: int, address_space: int) -> MemoryRegion | None:
-        """A region of `address_space` that overlaps guest_addr+size, or None."""
-        for region in self._spaces.get(address_space, ()):
-            if region.guest_addr < guest_addr + size and guest_addr < region.end:
-                return region
+    def overlapping(self, guest_addr: int, size: int, address_space: int, *,
+                    ignore: MemoryRegion | None = None) -> MemoryRegion | None:
+        """A region of `address_space` (other than `ignore`) that overlaps guest_addr+size,
+        or None."""
+        space = self._spaces.get(address_space, [])
+        # Regions of one space never overlap, so sorted by start they are sorted by end too:
+        # the last one starting before our end (or the one before it, if that is `ignore`)
+        # is the only candidate.
+        i = bisect.bisect_left(self._starts.get(address_space, []), guest_addr + size) - 1
+        while i >= 0 and space[i] is ignore:
+            i -= 1
+        if i >= 0 and guest_addr < space[i].end:
+            return space[i]
         return None
 
     def owns(self, region: MemoryRegion) -> bool:
@@ -156,13 +185,9 @@ class GuestMemory:
             alias_of: MemoryRegion | None = None, offset: int = 0) -> MemoryRegion:
         """A new memslot: fresh host memory, or (`alias_of`) `size` bytes of that region's
         host memory from `offset`. Checks every argument before any ioctl."""
-        if guest_addr < 0 or guest_addr % PAGE_SIZE:
-            raise ValueError(f"guest address {guest_addr:#x} is not page-aligned (4 KiB)")
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"memory size {size:#x} is not a positive multiple of 4 KiB")
-        if guest_addr + size > 1 << 52:
-            raise ValueError(f"region {guest_addr:#x}+{size:#x} ends beyond the 52-bit "
-                             "guest-physical space")
+        check_range(guest_addr, size)
         if address_space < 0:
             raise ValueError("address space must be >= 0")
         if address_space > 0 and address_space >= max(self._address_spaces(), 1):
@@ -171,32 +196,32 @@ class GuestMemory:
                 Cap.MULTI_ADDRESS_SPACE, "KVM_SET_USER_MEMORY_REGION", "vm",
                 f"address space {address_space} needs {address_space + 1} address spaces, "
                 f"this VM has {spaces} (SMRAM needs stock KVM with SMM: try `pyvmm nested`)")
-        flags = (KVM_MEM_READONLY if readonly else 0) | (KVM_MEM_LOG_DIRTY_PAGES if log_dirty
-                                                         else 0)
         with self._lock:
             if self.closed:
                 raise ClosedError("the VM is closed: its memory is gone")
             other = self.overlapping(guest_addr, size, address_space)
             if other is not None:
                 raise ValueError(f"region {guest_addr:#x}+{size:#x} overlaps {other!r}")
-            used = self._slots_used.setdefault(address_space, set())
-            slot = next(i for i in range(len(used) + 1) if i not in used)
+            freed = self._slots_freed.setdefault(address_space, [])
+            slot = freed[0] if freed else self._slot_top.get(address_space, 0)  # the lowest
             if slot >= self._slot_limit():
-                raise ValueError(f"no free memslot: KVM allows {self._slot_limit()}")
+                raise ValueError(f"no free memslot: KVM allows {self._slot_limit()} per "
+                                 "address space (KVM_CAP_NR_MEMSLOTS)")
             region = MemoryRegion(self, slot, guest_addr, size, readonly=readonly,
                                   log_dirty=log_dirty, address_space=address_space,
                                   alias_of=alias_of, offset=offset)
             try:
                 if self._set_slot is not None:
-                    self._set_slot(region.kernel_slot, flags, guest_addr, size,
+                    self._set_slot(region.kernel_slot, slot_flags(region), guest_addr, size,
                                    region.host_addr)
             except BaseException:
                 region.release()
                 raise
-            used.add(slot)
-            space = self._spaces.setdefault(address_space, [])
-            keys = [r.guest_addr for r in space]
-            space.insert(bisect.bisect(keys, guest_addr), region)
+            if freed:
+                heapq.heappop(freed)
+            else:
+                self._slot_top[address_space] = slot + 1
+            self._insert(region)
             if alias_of is not None:
                 alias_of.aliases.append(region)
             return region
@@ -245,11 +270,72 @@ class GuestMemory:
             self._forget(region)
             region.release()
 
-    def _forget(self, region: MemoryRegion) -> None:
+    def move(self, region: MemoryRegion, guest_addr: int) -> None:
+        """Show `region` at guest-physical `guest_addr` instead (KVM_SET_USER_MEMORY_REGION
+        of the same slot, size, host memory and flags: KVM's KVM_MR_MOVE). Checks every
+        argument before the ioctl; on a kernel refusal (KvmError) nothing changes. A region
+        that aliases show elsewhere is refused (move or remove its aliases first); an alias
+        itself may move. Moving to where it already is does nothing."""
+        with self._lock:
+            if not self.owns(region):
+                raise ValueError(f"{region!r} is not a live region of this VM")
+            check_range(guest_addr, region.size)
+            if region.aliases:
+                raise ValueError(f"{region!r} is shown by {len(region.aliases)} alias(es), "
+                                 "which would not move with it: remove them first")
+            if guest_addr == region.guest_addr:
+                return
+            other = self.overlapping(guest_addr, region.size, region.address_space,
+                                     ignore=region)
+            if other is not None:
+                raise ValueError(f"{region!r} cannot move to {guest_addr:#x}: "
+                                 f"{guest_addr:#x}+{region.size:#x} overlaps {other!r}")
+            if self._set_slot is not None:
+                self._set_slot(region.kernel_slot, slot_flags(region), guest_addr,
+                               region.size, region.host_addr)
+            self._unlink(region)
+            region.guest_addr = guest_addr
+            self._insert(region)
+
+    def set_flags(self, region: MemoryRegion, *, log_dirty: bool | None = None,
+                  readonly: bool | None = None) -> None:
+        """Toggle a live region's KVM_MEM_LOG_DIRTY_PAGES (None: keep it). KVM cannot change
+        KVM_MEM_READONLY of a live memslot (it answers EINVAL): asking to is a ValueError
+        before any ioctl; remove the region and add it again instead."""
+        with self._lock:
+            if not self.owns(region) or region.alias_of is not None:
+                raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
+            if readonly is not None and bool(readonly) != region.readonly:
+                raise ValueError(f"{region!r}: KVM cannot make a live memslot "
+                                 f"{'read-only' if readonly else 'writable'} (EINVAL); remove "
+                                 "the region and add it again")
+            if log_dirty is None or bool(log_dirty) == region.log_dirty:
+                return
+            flags = slot_flags(region) ^ KVM_MEM_LOG_DIRTY_PAGES
+            if self._set_slot is not None:
+                self._set_slot(region.kernel_slot, flags, region.guest_addr, region.size,
+                               region.host_addr)
+            region.log_dirty = bool(log_dirty)
+
+    def _insert(self, region: MemoryRegion) -> None:
+        space = self._spaces.setdefault(region.address_space, [])
+        starts = self._starts.setdefault(region.address_space, [])
+        i = bisect.bisect(starts, region.guest_addr)
+        starts.insert(i, region.guest_addr)
+        space.insert(i, region)
+
+    def _unlink(self, region: MemoryRegion) -> bool:
         space = self._spaces.get(region.address_space, [])
-        if region in space:
-            space.remove(region)
-        self._slots_used.get(region.address_space, set()).discard(region.slot)
+        starts = self._starts.get(region.address_space, [])
+        i = bisect.bisect_left(starts, region.guest_addr)
+        if i < len(space) and space[i] is region:
+            del space[i], starts[i]
+            return True
+        return False
+
+    def _forget(self, region: MemoryRegion) -> None:
+        if self._unlink(region):
+            heapq.heappush(self._slots_freed.setdefault(region.address_space, []), region.slot)
 
     def release_all(self) -> None:
         """Once the VM fd is closed (the kernel dropped the memslots): release every region's
@@ -262,12 +348,12 @@ class GuestMemory:
 
     def find(self, gpa: int, address_space: int = 0) -> MemoryRegion | None:
         """The region holding `gpa`, or None."""
-        if self.closed:
-            raise ClosedError("the VM is closed: its memory is gone")
-        for region in self._spaces.get(address_space, ()):
-            if region.guest_addr <= gpa < region.end:
-                return region
-        return None
+        with self._lock:  # a move in another thread changes both lists
+            if self.closed:
+                raise ClosedError("the VM is closed: its memory is gone")
+            space = self._spaces.get(address_space, [])
+            i = bisect.bisect_right(self._starts.get(address_space, []), gpa) - 1
+            return space[i] if i >= 0 and gpa < space[i].end else None
 
     def _pieces(self, gpa: int, length: int, address_space: int):
         if length < 0 or gpa < 0:

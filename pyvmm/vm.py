@@ -27,6 +27,7 @@ from .state.methods import VmStateMethods
 from .vcpu import Vcpu
 from .vm_caps import VmCapsMixin
 from .vm_coalesced import CoalescedMethods
+from .vm_memory import VmMemoryMethods
 from .vm_requests import (
     check_gsi,
     fd_of,
@@ -45,7 +46,7 @@ __all__ = ["KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DirtyBitmap", "Vm"]
 log = logging.getLogger("pyvmm")
 
 
-class Vm(VmCapsMixin, CoalescedMethods, VmStateMethods):
+class Vm(VmCapsMixin, CoalescedMethods, VmMemoryMethods, VmStateMethods):
     role = "vm"
 
     def __init__(self, fd: int, config: VmConfig) -> None:
@@ -162,10 +163,11 @@ class Vm(VmCapsMixin, CoalescedMethods, VmStateMethods):
             "slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size,
             "userspace_addr": host})
         self.ioctl(io.KVM_SET_USER_MEMORY_REGION, req,
-                   detail=f"slot {slot:#x} gpa {gpa:#x} size {size:#x}")
+                   detail=f"slot {slot:#x} flags {flags:#x} gpa {gpa:#x} size {size:#x}")
 
     def remove_memory(self, region: MemoryRegion) -> None:
-        """Delete the memslot and release its host memory."""
+        """Delete the memslot and release its host memory (`move_memory` and
+        `set_memory_flags` change a live one)."""
         with self._lock:
             self.memory.remove(region)
 
@@ -202,7 +204,10 @@ class Vm(VmCapsMixin, CoalescedMethods, VmStateMethods):
             if vcpu_id in self._vcpu_ids:
                 raise ValueError(f"vCPU id {vcpu_id} was used by a closed vCPU; KVM frees "
                                  "vCPU ids only with the VM")
-            fd = self.ioctl(io.KVM_CREATE_VCPU, vcpu_id, detail=f"vCPU id {vcpu_id}")
+            made, most = len(self._vcpu_ids), self.check_extension(Cap.MAX_VCPUS)
+            fd = self.ioctl(io.KVM_CREATE_VCPU, vcpu_id, detail=f"vCPU id {vcpu_id}" + (
+                f"; this VM has made {made} vCPUs, KVM_CAP_MAX_VCPUS allows {most}"
+                if most and made >= most else ""))
             self._vcpu_ids.add(vcpu_id)
             try:
                 vcpu = Vcpu(fd, vcpu_id, self.config.vcpu_mmap_size,

@@ -13,8 +13,6 @@ if TYPE_CHECKING:
 
 __all__ = ["VmStateMethods"]
 
-KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY = 1, 2
-
 
 class VmStateMethods:
     """get/set_clock, get/set_irqchip, get/set_pit, set_identity_map_addr, the manual dirty
@@ -77,14 +75,9 @@ class VmStateMethods:
 
     def set_log_dirty(self, region, enabled: bool = True) -> None:
         """Turn dirty-page logging of a live `region` on or off (KVM_SET_USER_MEMORY_REGION
-        of the same slot with the flag toggled): turned on, KVM logs writes from now on."""
-        if not self.memory.owns(region) or region.alias_of is not None:
-            raise ValueError(f"{region!r} is not a live, non-alias region of this VM")
-        flags = (KVM_MEM_READONLY if region.readonly else 0) | (
-            KVM_MEM_LOG_DIRTY_PAGES if enabled else 0)
-        self.set_user_memory_region(region.kernel_slot, flags, region.guest_addr,
-                                    region.size, region.host_addr)
-        region.log_dirty = bool(enabled)
+        of the same slot with the flag toggled): turned on, KVM logs writes from now on.
+        The same as `set_memory_flags(region, log_dirty=enabled)`."""
+        self.memory.set_flags(region, log_dirty=bool(enabled))
 
     def enable_dirty_ring(self, size: int) -> int:
         """KVM_CAP_DIRTY_LOG_RING of `size` bytes per vCPU (before creating vCPUs); returns
