@@ -19,6 +19,9 @@ from pyvmm import Cap, IoEventAddress, KvmError
 from pyvmm.coalesced import MAX_PENDING, RING_ENTRIES, CoalescedWrite, RingCorrupt
 from pyvmm.errors import ClosedError, MissingCapability
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 BASE = 0xD0000000        # unbacked guest-physical: stores there are MMIO
 STATUS = 0x600           # a status port: IN answers how many writes the device has seen
 DATA_PORT = 0x700

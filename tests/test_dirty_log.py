@@ -14,6 +14,9 @@ from helpers import expect, guest
 
 from pyvmm import exits
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 BASE = 0x20000          # the logged region: 8 pages, reached through ES = 0x2000
 PAGES = 8
 

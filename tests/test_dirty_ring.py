@@ -12,6 +12,9 @@ from helpers import LOAD, code, expect, guest, protected_mode
 from pyvmm import Cap, exits
 from pyvmm.state.dirty_ring import DirtyRing, enable_dirty_ring, reset_dirty_rings
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 BASE = 0x20000
 
 

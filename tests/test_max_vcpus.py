@@ -16,6 +16,9 @@ from resources import open_fds
 from pyvmm import Cap, KvmError
 from pyvmm import ioctls as io
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 
 def need_fds(count: int) -> None:
     """Raise the soft fd limit to `count` more than are open (skip if the hard one is lower)."""

@@ -19,6 +19,9 @@ from pyvmm import Cap, KvmError, Machine, exits, guests
 from pyvmm import ioctls as io
 from pyvmm.memory import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 MAGIC = 0x5107_0000_0000_0000      # page n of a test region starts with the u64 MAGIC + n
 MMIO_VALUE = 0x4D4D_494F_4D4D_494F  # what the host answers a read no slot holds ("MMIOMMIO")
 

@@ -10,6 +10,9 @@ import pytest
 from pyvmm import IoEventAddress, Machine
 from pyvmm.migration import migrate
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 BUFFER, PAGES = 4 << 20, 4093        # dirty.S's buffer: RDI must not be a multiple of 7
 
 

@@ -19,6 +19,9 @@ from pyvmm import IoEventAddress, Machine
 from pyvmm.snapshot import read_header
 from pyvmm.testing.hostinfo import kvm_module
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 
 def _reports(result) -> dict[int, int]:
     return {r.tag: r.value64 for r in result.reports}

@@ -16,6 +16,9 @@ from pyvmm.guests import ucall
 from pyvmm.testing.hostinfo import kvm_module
 from pyvmm.state import DebugRegs, VcpuState, Xsave
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 MASK64 = (1 << 64) - 1
 
 

@@ -14,6 +14,9 @@ from helpers import expect, guest
 from pyvmm import Cap, KvmError, exits
 from pyvmm.state import IoapicState, PicState, PitState, VmState
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 
 def test_irqchip_round_trip(vm):
     vm.create_irqchip()
