@@ -3,7 +3,7 @@
 its fd, and the names of the VM types and guest_memfd flags the capabilities report.
 
 A guest_memfd is bound to a memslot with KVM_SET_USER_MEMORY_REGION2 and KVM_MEM_GUEST_MEMFD
-(not wrapped yet: the memslot side is still to come). Whether guest accesses then reach the guest_memfd or the slot's
+(`Vm.set_user_memory_region2`, raw: `add_memory` does not take a guest_memfd yet). Whether guest accesses then reach the guest_memfd or the slot's
 ordinary host mapping depends on the page's private/shared attribute, which needs
 KVM_CAP_MEMORY_ATTRIBUTES; without it every page is shared. A guest_memfd created with
 GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED can be mapped by the host, and pyvmm then

@@ -1,16 +1,21 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Changing a live memslot: `Vm.move_memory` (a new guest-physical address, KVM's
 KVM_MR_MOVE) and `Vm.set_memory_flags` (dirty logging on or off). `Vm` inherits them; the
-bookkeeping is `GuestMemory.move` / `GuestMemory.set_flags`."""
+bookkeeping is `GuestMemory.move` / `GuestMemory.set_flags`. Also the raw
+KVM_SET_USER_MEMORY_REGION2, the form of the memslot ioctl that can name a guest_memfd."""
 
 from __future__ import annotations
 
 import threading
 
+from . import ioctls as io
+from ._ffi import ffi
 from .args import as_index
 from .memory import GuestMemory, MemoryRegion
 
-__all__ = ["VmMemoryMethods"]
+__all__ = ["KVM_MEM_GUEST_MEMFD", "VmMemoryMethods"]
+
+KVM_MEM_GUEST_MEMFD = 4     # memslot flag: private memory comes from a guest_memfd
 
 
 class VmMemoryMethods:
@@ -22,6 +27,26 @@ class VmMemoryMethods:
 
     def fileno(self) -> int:
         raise NotImplementedError
+
+    def ioctl(self, request: int, arg: object = 0, detail: str | None = None) -> int:
+        raise NotImplementedError
+
+    def set_user_memory_region2(self, slot: int, flags: int, gpa: int, size: int, host: int,
+                                *, guest_memfd: int = 0, guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 as is (KVM_CAP_USER_MEMORY2): the slot (address space
+        in bits 16-31) with `flags`, `size` bytes at `gpa` backed by host address `host`
+        and, with KVM_MEM_GUEST_MEMFD in `flags`, by the guest_memfd fd `guest_memfd` from
+        `guest_memfd_offset`. No bookkeeping, as `set_user_memory_region`: the caller owns
+        the host memory and the slot number. A refusal is a KvmError with its errno (EINVAL
+        for the guest_memfd flag where KVM_CAP_GUEST_MEMFD is absent)."""
+        req = ffi.new("struct kvm_userspace_memory_region2 *", {
+            "slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size,
+            "userspace_addr": host, "guest_memfd_offset": guest_memfd_offset,
+            "guest_memfd": guest_memfd})
+        self.ioctl(io.KVM_SET_USER_MEMORY_REGION2, req,
+                   detail=f"slot {slot:#x} flags {flags:#x} gpa {gpa:#x} size {size:#x}"
+                   + (f" guest_memfd {guest_memfd} at {guest_memfd_offset:#x}"
+                      if flags & KVM_MEM_GUEST_MEMFD else ""))
 
     def move_memory(self, region: MemoryRegion, guest_addr: int) -> MemoryRegion:
         """Show `region` at guest-physical `guest_addr` from now on: the same slot, size,
