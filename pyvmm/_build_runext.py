@@ -16,12 +16,15 @@ reading the page:
     bits 4-7   size (PIO) / len (MMIO, at most 8)
     bits 8-23  port (PIO); bits 8-62: phys_addr (MMIO, below 2**55)
 
-A failed KVM_RUN returns -errno, so the errno is never lost to another call.
+A failed KVM_RUN returns -errno, so the errno is never lost to another call. `page` is the
+kvm_run mapping's address as an integer (cffi converts an int argument in a few instructions,
+a pointer cdata through its generic argument conversion); the caller keeps the mapping alive
+(`Vcpu.run()` holds the vCPU, and close() waits for it, while the call runs).
 """
 
 from cffi import FFI
 
-CDEF = "long long pyvmm_run(int fd, void *page);"
+CDEF = "long long pyvmm_run(int fd, uintptr_t page);"
 
 SOURCE = r"""
 #include <errno.h>
@@ -34,9 +37,9 @@ SOURCE = r"""
 #define RUN_UNION 32                    /* offsetof(struct kvm_run, io) == mmio */
 #define PIO_DATA_OFFSET 4096u           /* KVM_PIO_PAGE_OFFSET * 4096 on x86 */
 
-long long pyvmm_run(int fd, void *page)
+long long pyvmm_run(int fd, uintptr_t page)
 {
-	const unsigned char *run = page;
+	const unsigned char *run = (const unsigned char *)page;
 	uint32_t reason;
 
 	if (ioctl(fd, PYVMM_KVM_RUN, 0) < 0)

@@ -224,6 +224,7 @@ _UNION = ffi.offsetof("struct kvm_run", "hw")
 _MMIO_DATA = _UNION + 8
 #: Where kvm_run.mmio.data is in the vCPU's page (for Vcpu.run()'s fast path).
 MMIO_DATA_OFFSET = _MMIO_DATA
+_PIO_DATA = 4096  # a single PIO access's data (the compiled helper's IO kind promises it)
 
 
 # The two hottest exits are unpacked straight from the page: one struct call is several times
@@ -242,6 +243,24 @@ def _mmio(run, page: memoryview) -> Exit:
     if length > 8:  # kvm_run.mmio.data holds 8 bytes; the kernel never says more
         length = 8
     return MmioExit(address, length, is_write == 1, page[_MMIO_DATA: _MMIO_DATA + length])
+
+
+def fast_exits(page: memoryview) -> tuple[list[Any], list[memoryview]]:
+    """What `Vcpu.run()` builds a PIO or MMIO exit from, per vCPU: indexed by the low byte of
+    the compiled helper's result (pyvmm/_build_runext.py: kind, write bit, size), `(size,
+    is_write, view)` where `view` is a template view of the exit's data in `page`, which each
+    exit copies (`memoryview(view)`: a new view of the same bytes, about half the cost of
+    slicing the page); and the templates, which the vCPU releases when it closes (an exit's
+    own view keeps the mapping alive, as a slice of the page does)."""
+    table: list[Any] = [None] * 256
+    views = [page[_PIO_DATA: _PIO_DATA + n] for n in range(16)]
+    views += [page[_MMIO_DATA: _MMIO_DATA + n] for n in range(9)]
+    for size in range(16):
+        for write in (0, 1):
+            table[1 | write << 3 | size << 4] = (size, write == 1, views[size])
+            length = min(size, 8)
+            table[2 | write << 3 | size << 4] = (length, write == 1, views[16 + length])
+    return table, views
 
 
 def _hypercall(run, page):

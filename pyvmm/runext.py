@@ -30,8 +30,13 @@ NOTE = ""
 def _load() -> Callable[[int, object], int]:
     if os.environ.get("PYVMM_NO_RUNEXT", "") not in ("", "0"):
         raise ImportError("PYVMM_NO_RUNEXT is set")
-    from ._runext import lib  # type: ignore[import-not-found]
+    from ._runext import ffi, lib  # type: ignore[import-not-found]
 
+    # A helper built from an older pyvmm (its page argument was a pointer) is refused here,
+    # not by a TypeError on every run(): reinstall to rebuild it.
+    if ffi.typeof(lib.pyvmm_run).cname != "long long(*)(int, uintptr_t)":
+        raise ImportError(f"it was built by another pyvmm version "
+                          f"({ffi.typeof(lib.pyvmm_run).cname})")
     return lib.pyvmm_run
 
 

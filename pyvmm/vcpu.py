@@ -10,16 +10,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import ioctls as io
 from ._ffi import ffi, libc
 from .errors import ClosedError, KvmError, foreign_process
-from .exits import MMIO_DATA_OFFSET as _MMIO_DATA
-from .exits import Exit, ExitReason, IntrExit, IoExit, MmioExit, decode
-from .runext import IO as _FAST_IO
-from .runext import MMIO as _FAST_MMIO
-from .runext import PIO_DATA_OFFSET as _PIO_DATA
+from .exits import Exit, ExitReason, IntrExit, IoExit, MmioExit, decode, fast_exits
 from .runext import run_exit as _run_exit
 from .kick import KICK_SIGNAL, check_timeout, eat_kicks, run_sigmask, thread_token, watchdog
 from .kick import thread_state as _tls
@@ -37,6 +33,8 @@ KVM_RUN_X86_SMM = 1
 _EINTR, _EAGAIN, _EFAULT = errno.EINTR, errno.EAGAIN, errno.EFAULT
 _MEMORY_FAULT = int(ExitReason.MEMORY_FAULT)
 _get_ident = threading.get_ident
+_new: Any = object.__new__   # Any: an IoExit or MmioExit, built in run()
+_view = memoryview
 _KVM_RUN = io.KVM_RUN
 # KVM_RUN through a non-variadic function pointer to libc's ioctl: cffi calls a variadic
 # function by preparing a new libffi call interface on every call (about 1 us here, per exit),
@@ -74,6 +72,8 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
         self._page = memoryview(self._map)
         self._run_ptr = ffi.from_buffer(self._map)
         self._run = ffi.cast("struct kvm_run *", self._run_ptr)
+        self._run_addr = int(ffi.cast("uintptr_t", self._run_ptr))  # for pyvmm.runext
+        self._fast, self._views = fast_exits(self._page)
         self._lock = threading.Lock()
         self._thread: int | None = None  # ident of the thread inside run()
         self._sigmask_owner: object | None = None  # the thread whose mask KVM has
@@ -189,15 +189,18 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
     def run(self, timeout: float | None = None) -> Exit:
         """KVM_RUN once; returns the typed exit. With `timeout` (seconds), a guest still
         running then is kicked and `IntrExit(timed_out=True)` comes back."""
-        # The hot path of every exit, kept to what it must do: claim the vCPU under its lock
-        # (inlined _claim/_leave: two method calls fewer), one C call that runs KVM_RUN and
-        # packs the IO/MMIO fields (pyvmm.runext; without it, KVM_RUN through _kvm_run and
-        # decode() reading the page), the exit built from those fields, the vCPU released.
+        # The hot path of every exit (docs/ARCHITECTURE.md, "How an exit flows"): claim (inlined
+        # _claim/_leave; acquire(False) first: CPython 3.11 reads the clock in a blocking one),
+        # one C call, the exit built from its result and the vCPU's table, release.
         if timeout is not None:
             timeout = check_timeout(timeout)
-        sigmask = getattr(_tls, "token", None) or thread_token()
+        try:
+            sigmask = _tls.token
+        except AttributeError:
+            sigmask = thread_token()
         lock = self._lock
-        lock.acquire()
+        if not lock.acquire(False):
+            lock.acquire()
         if self._fd < 0 or self._closing or self._thread is not None:
             lock.release()
             token = self._claim(timeout)  # raises (ClosedError, RuntimeError): re-checked there
@@ -209,30 +212,31 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
         try:
             if self._sigmask_owner is not sigmask:
                 self._own_sigmask(sigmask)
-            fd, page = self._fd, self._page
             if _run_exit is None:
-                return self._run_slow(fd, page)
-            ptr = self._run_ptr
+                return self._run_slow(self._fd, self._page)
+            fd, addr, fast = self._fd, self._run_addr, self._fast
             while True:
-                r = _run_exit(fd, ptr)
-                if r >= 0:
-                    kind = r & 7
-                    if kind == _FAST_IO:
-                        size = r >> 4 & 15
-                        return IoExit(r >> 8, size, 1, r & 8 != 0,
-                                      page[_PIO_DATA: _PIO_DATA + size])
-                    if kind == _FAST_MMIO:
-                        length = r >> 4 & 15
-                        return MmioExit(r >> 8, length, r & 8 != 0,
-                                        page[_MMIO_DATA: _MMIO_DATA + length])
-                    return decode(self._run, page)
-                ex = self._failed(-r)
-                if ex is not None:
+                r = _run_exit(fd, addr)
+                if r > 0:
+                    size, is_write, view = fast[r & 255]
+                    if r & 1:   # IO
+                        ex = _new(IoExit)
+                        ex.port, ex.size, ex.count = r >> 8, size, 1
+                    else:       # MMIO
+                        ex = _new(MmioExit)
+                        ex.address, ex.length = r >> 8, size
+                    ex.is_write, ex.data = is_write, _view(view)
                     return ex
+                if r == 0:
+                    return decode(self._run, self._page)
+                failed = self._failed(-r)
+                if failed is not None:
+                    return failed
         finally:
             if token is not None:
                 watchdog.disarm(token)
-            lock.acquire()
+            if not lock.acquire(False):
+                lock.acquire()
             self._thread = None
             self._run_token = None
             if self._timeout_fired:
@@ -243,9 +247,7 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
             lock.release()
 
     def _run_slow(self, fd: int, page: memoryview) -> Exit:
-        # Without the compiled helper: KVM_RUN through the fixed-prototype pointer, the page
-        # decoded by exits.decode().
-        run = self._run
+        run = self._run  # no compiled helper: KVM_RUN through _kvm_run, the page decoded
         while True:
             if _kvm_run(fd, _KVM_RUN, 0) >= 0:
                 return decode(run, page)
@@ -254,8 +256,8 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
                 return ex
 
     def _failed(self, err: int) -> Exit | None:
-        """What a KVM_RUN that failed with `err` returns: IntrExit, a memory fault, None to run
-        again (EAGAIN: an AP woken by INIT/SIPI); any other errno is raised, kept."""
+        """A failed KVM_RUN's result: IntrExit, a memory fault, None to run again (EAGAIN: an
+        AP woken by INIT/SIPI); any other errno is raised, kept."""
         if err == _EINTR:
             return IntrExit(self._interrupted(False))
         run = self._run
@@ -365,13 +367,15 @@ class Vcpu(VcpuStateMixin, GuestDebugMixin, VcpuStateMethods):
                 self._stats = None
             ffi.release(self._run_ptr)
             self._run = self._run_ptr = None
+            for view in self._views:   # templates only: an exit's view is its own
+                view.release()
+            self._fast = self._views = []
             try:
                 self._page.release()
                 self._map.close()
             except BufferError:
                 pass  # an exit's view is alive: the page goes with the last such view
-            # Typed as always there: nothing reads them once _fd < 0 (checked first).
-            self._page = self._map = None  # type: ignore[assignment]
+            self._page = self._map = None  # type: ignore[assignment]  # unread once _fd < 0
             os.close(self._fd)
             self._fd = -1
         if self._on_close is not None:
