@@ -13,6 +13,9 @@ from helpers import expect, guest
 from pyvmm import Cap, KvmError, exits
 from pyvmm.state import SYNC_ALL, SYNC_EVENTS, SYNC_REGS, SYNC_SREGS
 
+# Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
+pytestmark = pytest.mark.both_kvms
+
 # -- sync_regs ---------------------------------------------------------------------------------
 
 SYNC_GUEST = """
