@@ -52,7 +52,8 @@ def test_cpl0_mid_loop(kvm, tmp_path):
         m.snapshot(tmp_path / "s.snap")
     with Machine.restore(tmp_path / "s.snap", kvm=kvm) as m2:
         rest = m2.run(timeout=30)
-    assert rest.ok and _reports(rest) == lcg_expected(steps)
+    # A late timeout (TCG in the nested runner) may stop it after its reports: they count.
+    assert rest.ok and _reports(first) | _reports(rest) == lcg_expected(steps)
 
 
 @pytest.mark.parametrize("stop_after", [3, 9, 16, 24])
