@@ -20,11 +20,26 @@ from pathlib import Path
 import pytest
 
 from pyvmm import Kvm, KvmError, KvmUnavailable
+from pyvmm import ioctls as io
 from pyvmm.runloop import ConsoleBuffer, RunControl, RunResult, Stop, run_vcpu
 
 LOAD = 0x1000        # where guest code is placed and starts
 STACK = 0x7000       # initial SP
 MEM_SIZE = 0x10000   # default RAM: 0..64 KiB
+
+
+@pytest.fixture
+def ioctl_spy(monkeypatch):
+    """Records every ioctl pyvmm issues (request names) while still issuing it."""
+    calls: list[str] = []
+    real = io.ioctl
+
+    def spy(fd, request, *args, **kw):
+        calls.append(io.NAMES.get(request, hex(request)))
+        return real(fd, request, *args, **kw)
+
+    monkeypatch.setattr(io, "ioctl", spy)
+    return calls
 
 
 def require_kvm() -> bool:

@@ -13,10 +13,9 @@ import threading
 import time
 
 import pytest
-from helpers import code, expect, real_mode
+from helpers import code, expect, ioctl_spy, real_mode  # noqa: F401  (ioctl_spy: a fixture)
 
 from pyvmm import Cap, KvmError, Machine, exits, guests
-from pyvmm import ioctls as io
 from pyvmm.memory import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 # Also run on stock kvm_amd by CI's nested runner (pytest -m both_kvms).
@@ -24,20 +23,6 @@ pytestmark = pytest.mark.both_kvms
 
 MAGIC = 0x5107_0000_0000_0000      # page n of a test region starts with the u64 MAGIC + n
 MMIO_VALUE = 0x4D4D_494F_4D4D_494F  # what the host answers a read no slot holds ("MMIOMMIO")
-
-
-@pytest.fixture
-def ioctl_spy(monkeypatch):
-    """The names of the ioctls pyvmm issues while the test runs (they are still issued)."""
-    calls: list[str] = []
-    real = io.ioctl
-
-    def spy(fd, request, *args, **kw):
-        calls.append(io.NAMES.get(request, hex(request)))
-        return real(fd, request, *args, **kw)
-
-    monkeypatch.setattr(io, "ioctl", spy)
-    return calls
 
 
 def fill_pages(vm, region) -> None:

@@ -7,24 +7,9 @@ from __future__ import annotations
 import errno
 
 import pytest
-from helpers import expect, guest
+from helpers import expect, guest, ioctl_spy  # noqa: F401  (a fixture)
 
 from pyvmm import ClosedError, KvmError, exits
-from pyvmm import ioctls as io
-
-
-@pytest.fixture
-def ioctl_spy(monkeypatch):
-    """Records every ioctl pyvmm issues (request names) while still issuing it."""
-    calls: list[str] = []
-    real = io.ioctl
-
-    def spy(fd, request, *args, **kw):
-        calls.append(io.NAMES.get(request, hex(request)))
-        return real(fd, request, *args, **kw)
-
-    monkeypatch.setattr(io, "ioctl", spy)
-    return calls
 
 
 @pytest.mark.parametrize("addr, size, why", [
