@@ -16,6 +16,7 @@ from .errors import ClosedError, MissingCapability
 PAGE_SIZE = 4096
 KVM_MEM_LOG_DIRTY_PAGES = 1
 KVM_MEM_READONLY = 2
+KVM_MEM_GUEST_MEMFD = 4     # private memory comes from a guest_memfd (SET_USER_MEMORY_REGION2)
 
 #: set_slot(kernel_slot, flags, guest_addr, size, host_addr): KVM_SET_USER_MEMORY_REGION.
 SetSlot = Callable[[int, int, int, int, int], None]

@@ -61,6 +61,7 @@ class Vm(VmCapsMixin, CoalescedMethods, VmMemoryMethods, VmStateMethods):
         self._vcpu_ids: set[int] = set()  # KVM frees a vCPU id only with the VM
         self._caps: dict[int, int] = {}
         self._max_slots: int | None = None
+        self._max_vcpus: int | None = None
         self._close_hooks: list[Callable[[Vm], object]] = []
         self._stats: StatsReader | None = None
         self.close_hook_errors: list[BaseException] = []
@@ -134,6 +135,12 @@ class Vm(VmCapsMixin, CoalescedMethods, VmMemoryMethods, VmStateMethods):
             self._max_slots = self.check_extension(Cap.NR_MEMSLOTS) or 32
         return self._max_slots
 
+    def _vcpu_limit(self) -> int:
+        # Asked once per VM (for the error message of a full VM), not once per vCPU.
+        if self._max_vcpus is None:
+            self._max_vcpus = self.check_extension(Cap.MAX_VCPUS)
+        return self._max_vcpus
+
     def add_memory(self, guest_addr: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, address_space: int = 0) -> MemoryRegion:
         """Map `size` bytes of fresh anonymous host memory at guest-physical `guest_addr`."""
@@ -204,7 +211,7 @@ class Vm(VmCapsMixin, CoalescedMethods, VmMemoryMethods, VmStateMethods):
             if vcpu_id in self._vcpu_ids:
                 raise ValueError(f"vCPU id {vcpu_id} was used by a closed vCPU; KVM frees "
                                  "vCPU ids only with the VM")
-            made, most = len(self._vcpu_ids), self.check_extension(Cap.MAX_VCPUS)
+            made, most = len(self._vcpu_ids), self._vcpu_limit()
             fd = self.ioctl(io.KVM_CREATE_VCPU, vcpu_id, detail=f"vCPU id {vcpu_id}" + (
                 f"; this VM has made {made} vCPUs, KVM_CAP_MAX_VCPUS allows {most}"
                 if most and made >= most else ""))

@@ -11,11 +11,10 @@ import threading
 from . import ioctls as io
 from ._ffi import ffi
 from .args import as_index
-from .memory import GuestMemory, MemoryRegion
+from .memory import KVM_MEM_GUEST_MEMFD, GuestMemory, MemoryRegion
 
 __all__ = ["KVM_MEM_GUEST_MEMFD", "VmMemoryMethods"]
 
-KVM_MEM_GUEST_MEMFD = 4     # memslot flag: private memory comes from a guest_memfd
 
 
 class VmMemoryMethods:
